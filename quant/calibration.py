@@ -1,0 +1,155 @@
+"""Token batches for calibration and evaluation, from any text source.
+
+Sources (a string, so a job spec can name one):
+
+* ``zoo:calibration`` / ``zoo:evaluation``: the reference splits built by ``bitalloc zoo build``;
+* a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text in the
+  ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
+* ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.
+
+Documents are tokenized separately and joined with the end-of-sequence token.
+Calibration draws ``count`` windows at seeded random offsets; evaluation cuts consecutive,
+non-overlapping windows, so every evaluated token is scored once. The sha256 of the text
+goes with the tokens, so a profile records exactly what calibrated it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenBatches:
+    """``input_ids`` ``[windows, seq_len]`` cut from ``source``, whose text hashes to ``sha256``."""
+
+    input_ids: torch.Tensor
+    source: str
+    sha256: str
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.input_ids.split(batch_size))
+
+    def describe(self) -> dict:
+        windows, length = self.input_ids.shape
+        return {"source": self.source, "sha256": self.sha256, "windows": windows, "seq_len": length}
+
+
+def load_texts(source: str) -> list[str]:
+    """The documents of a source; ``ValueError`` says what is wrong with a bad one."""
+    if source.startswith("zoo:"):
+        from quant.zoo.corpus import split_path
+
+        return _read_jsonl(split_path(source.removeprefix("zoo:")), "text")
+    if source.startswith("datasets:"):
+        return _load_datasets(source.removeprefix("datasets:"))
+    path_text, _, field = source.partition("#")
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ValueError(f"text source {source!r}: file {path} does not exist")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, field or "text")
+    if field:
+        raise ValueError(f"text source {source!r}: a field (#...) applies to .jsonl files only")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text source {source!r}: the file is empty")
+    return [text]
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{number}: no text field {field!r}")
+            texts.append(record[field])
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
+def _load_datasets(spec: str) -> list[str]:
+    from datasets import load_dataset
+
+    name_part, _, field = spec.partition("#")
+    parts = name_part.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"datasets source {spec!r}: expected datasets:NAME[:CONFIG]:SPLIT[#field]")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    dataset = load_dataset(name, config, split=split)
+    field = field or "text"
+    if field not in dataset.column_names:
+        raise ValueError(f"datasets source {spec!r}: no column {field!r} (columns: {dataset.column_names})")
+    return [t for t in dataset[field] if t and t.strip()]
+
+
+def text_sha256(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All documents as one 1-D token stream, each followed by the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_shape(seq_len: int, count: int | None) -> None:
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+
+
+def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> TokenBatches:
+    """``count`` windows of ``seq_len`` tokens at seeded random offsets of the source."""
+    _check_shape(seq_len, count)
+    texts = load_texts(source)
+    stream = token_stream(tokenizer, texts)
+    if len(stream) < seq_len:
+        raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (count,), generator=generator)
+    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return TokenBatches(windows, source, text_sha256(texts))
+
+
+def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None) -> TokenBatches:
+    """Consecutive, non-overlapping windows of the source (the tail shorter than a window is dropped).
+
+    ``max_windows`` keeps evenly spaced windows across the whole text, so a smaller
+    evaluation still samples every document region rather than only the first ones.
+    """
+    _check_shape(seq_len, max_windows)
+    texts = load_texts(source)
+    stream = token_stream(tokenizer, texts)
+    total = len(stream) // seq_len
+    if total == 0:
+        raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
+    windows = stream[: total * seq_len].reshape(total, seq_len)
+    if max_windows is not None and max_windows < total:
+        windows = windows[torch.linspace(0, total - 1, max_windows).round().long()]
+    return TokenBatches(windows, source, text_sha256(texts))
