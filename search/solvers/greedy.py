@@ -1,0 +1,58 @@
+"""greedy: Lagrangian / convex-hull marginal-gain allocation, the fast baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search.allocation import Allocation
+from search.budgets import Budgets, Metric
+from search.feasibility import extreme_allocation
+from search.front import Front
+from search.problem import Problem
+from search.registry import register
+from search.solver import Solver
+from search.solvers.hull import HullPath
+from search.solvers.knapsack import Knapsack, as_knapsack
+
+
+@register
+class GreedySolver(Solver):
+    """Convex-hull greedy for one budget besides the objective (like ``dp``).
+
+    Takes upgrade steps in order of value saved per unit of resource while
+    they fit (:class:`~search.solvers.hull.HullPath`). Always within the
+    budget and never better than the optimum; points where the budget is used
+    up exactly are optimal, between them it can be beaten (``dp`` and
+    ``ilp`` close that gap; ``bench/solvers.py`` measures it).
+    O(groups x formats x log) time.
+    """
+
+    name = "greedy"
+
+    def unsupported(self, problem: Problem, budgets: Budgets, objective: Metric) -> str | None:
+        form = as_knapsack(problem, budgets, objective)
+        return form if isinstance(form, str) else None
+
+    def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
+        form = as_knapsack(problem, budgets, objective)
+        assert isinstance(form, Knapsack)
+        if form.limited is None:
+            return extreme_allocation(problem, form.objective, form.partner, solver=self.name)
+        resource, value = form.tables(problem)
+        path = HullPath.build(resource, value, problem.groups.allowed)
+        choice = path.within(form.cap) if form.minimises_value else path.prefix(path.steps_reaching(form.cap))
+        return self._allocation(problem, choice)
+
+    def _front(self, problem: Problem, axes: tuple[Metric, ...], points: int, budgets: Budgets) -> Front:
+        """Points along the hull path itself: each is optimal for its own size."""
+        if len(axes) != 2 or set(problem.integer_caps(budgets)) - {axes[1]}:
+            raise ValueError("solver 'greedy' sweeps one budget on a two-axis front; use solver='ilp' for more")
+        form = Knapsack.between(axes[0], axes[1])
+        resource, value = form.tables(problem)
+        path = HullPath.build(resource, value, problem.groups.allowed)
+        steps = np.unique(np.linspace(0, len(path.group), points).round().astype(int))
+        allocations = [self._allocation(problem, path.prefix(int(s))) for s in steps]
+        return Front.of((a for a in allocations if not problem.violations(a.choice, budgets)), axes)
+
+    def _allocation(self, problem: Problem, group_choice: np.ndarray) -> Allocation:
+        return Allocation.of(problem, problem.groups.expand(group_choice, problem.n_units), solver=self.name)

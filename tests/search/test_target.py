@@ -1,0 +1,45 @@
+"""Accuracy-target mode: the smallest allocation meeting an error target."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from search import Budgets, InfeasibleBudget, smallest_within, solve
+from search.sweep import budget_range
+from search_instances import enumerate_allocations, problems, small_model
+
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(problems(), st.data(), st.sampled_from(["dp", "ilp"]))
+def test_predicted_target_gives_the_smallest_allocation_meeting_it(problem, data, solver) -> None:
+    every = enumerate_allocations(problem)
+    target = float(every.error[data.draw(st.integers(0, len(every.choices) - 1))])
+    found = smallest_within(problem, target, solver=solver)
+    assert found.error <= target + problem.tolerance("error")
+    assert found.bytes <= every.bytes[every.error <= target].min()
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_measured_target_bisects_to_within_its_resolution(steps) -> None:
+    problem = small_model(units=8)
+    measure = lambda a: 3.0 * a.error  # noqa: E731  (a measured scale unlike the proxy's)
+    lo, hi = budget_range(problem, "error", "bytes")
+    target = measure(solve(problem, Budgets(max_bytes=int((lo + 2 * hi) / 3))))
+    found = smallest_within(problem, target, evaluator=measure, steps=steps)
+    assert found.measured == measure(found) <= target
+    # One resolution step smaller misses the target (the measure falls with the budget here).
+    resolution = -(-(int(hi) - int(lo)) // 2**steps)
+    smaller = solve(problem, Budgets(max_bytes=found.bytes - resolution - 1))
+    assert measure(smaller) > target
+
+
+def test_a_target_the_best_allocation_misses_raises_with_its_measured_error() -> None:
+    problem = small_model()
+    with pytest.raises(InfeasibleBudget) as raised:
+        smallest_within(problem, 1.0, evaluator=lambda a: 5.0 + a.error)
+    assert raised.value.budget == "max_error"
+    assert raised.value.smallest == pytest.approx(5.0 + solve(problem).error)
