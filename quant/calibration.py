@@ -7,6 +7,9 @@ Sources (a string, so a job spec can name one):
   ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
 * ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.
 
+Modules that are not language models take input tensors instead: a ``.safetensors`` file
+whose ``inputs`` tensor holds the samples, or ``zoo:digits`` (the digits CNN's training images).
+
 Documents are tokenized separately and joined with the end-of-sequence token.
 Calibration draws ``count`` windows at seeded random offsets; evaluation cuts consecutive,
 non-overlapping windows, so every evaluated token is scored once. The sha256 of the text
@@ -25,23 +28,31 @@ import torch
 
 
 @dataclass(frozen=True)
-class TokenBatches:
-    """``input_ids`` ``[windows, seq_len]`` cut from ``source``, whose text hashes to ``sha256``."""
+class CalibrationSet:
+    """Model inputs cut from ``source``, whose data hashes to ``sha256``.
 
-    input_ids: torch.Tensor
+    For a language model ``inputs`` are token windows ``[windows, seq_len]`` and every
+    token is a sample; for another module they are a batch of input tensors, one sample
+    each. Metrics report errors per sample, so they compare across layers and models.
+    """
+
+    inputs: torch.Tensor
     source: str
     sha256: str
+    tokens: bool = True
 
     @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
+    def samples(self) -> int:
+        return self.inputs.numel() if self.tokens else len(self.inputs)
 
     def batches(self, batch_size: int) -> list[torch.Tensor]:
-        return list(self.input_ids.split(batch_size))
+        return list(self.inputs.split(batch_size))
 
     def describe(self) -> dict:
-        windows, length = self.input_ids.shape
-        return {"source": self.source, "sha256": self.sha256, "windows": windows, "seq_len": length}
+        """Provenance: the source, its data hash, and a hash of the exact inputs drawn from it."""
+        inputs_sha256 = hashlib.sha256(self.inputs.contiguous().numpy().tobytes()).hexdigest()
+        return {"source": self.source, "sha256": self.sha256, "inputs_sha256": inputs_sha256,
+                "shape": list(self.inputs.shape), "samples": self.samples}
 
 
 def load_texts(source: str) -> list[str]:
@@ -106,6 +117,23 @@ def text_sha256(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+_STREAMS: dict[tuple, torch.Tensor] = {}
+
+
+def _source_stream(tokenizer: Any, source: str) -> tuple[torch.Tensor, str]:
+    """The token stream of a source and its text hash, tokenized once per process.
+
+    Tokenizing the reference calibration split takes seconds; jobs, tests and benches
+    that draw several calibration sets from one source should pay that once.
+    """
+    texts = load_texts(source)
+    digest = text_sha256(texts)
+    key = (digest, getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.eos_token_id)
+    if key not in _STREAMS:
+        _STREAMS[key] = token_stream(tokenizer, texts)
+    return _STREAMS[key], digest
+
+
 def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """All documents as one 1-D token stream, each followed by the end-of-sequence token."""
     eos = tokenizer.eos_token_id
@@ -124,32 +152,68 @@ def _check_shape(seq_len: int, count: int | None) -> None:
         raise ValueError(f"count must be at least 1, got {count}")
 
 
-def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> TokenBatches:
+def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
     """``count`` windows of ``seq_len`` tokens at seeded random offsets of the source."""
     _check_shape(seq_len, count)
-    texts = load_texts(source)
-    stream = token_stream(tokenizer, texts)
+    stream, digest = _source_stream(tokenizer, source)
     if len(stream) < seq_len:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len + 1, (count,), generator=generator)
     windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
-    return TokenBatches(windows, source, text_sha256(texts))
+    return CalibrationSet(windows, source, digest)
 
 
-def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None) -> TokenBatches:
+def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None) -> CalibrationSet:
     """Consecutive, non-overlapping windows of the source (the tail shorter than a window is dropped).
 
     ``max_windows`` keeps evenly spaced windows across the whole text, so a smaller
     evaluation still samples every document region rather than only the first ones.
     """
     _check_shape(seq_len, max_windows)
-    texts = load_texts(source)
-    stream = token_stream(tokenizer, texts)
+    stream, digest = _source_stream(tokenizer, source)
     total = len(stream) // seq_len
     if total == 0:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
     windows = stream[: total * seq_len].reshape(total, seq_len)
     if max_windows is not None and max_windows < total:
         windows = windows[torch.linspace(0, total - 1, max_windows).round().long()]
-    return TokenBatches(windows, source, text_sha256(texts))
+    return CalibrationSet(windows, source, digest)
+
+
+def tensor_samples(source: str, *, count: int = 256, seed: int = 0) -> CalibrationSet:
+    """``count`` input samples (seeded choice) for a module that is not a language model."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if source == "zoo:digits":
+        from quant.zoo.digits import digits_split
+
+        inputs = digits_split()[0]
+    else:
+        path = Path(source).expanduser()
+        if path.suffix != ".safetensors" or not path.exists():
+            raise ValueError(f"tensor source {source!r}: expected an existing .safetensors file or zoo:digits")
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "inputs" not in tensors:
+            raise ValueError(f"tensor source {source!r}: no tensor named 'inputs' (found {sorted(tensors)})")
+        inputs = tensors["inputs"]
+    digest = hashlib.sha256(inputs.contiguous().numpy().tobytes()).hexdigest()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(inputs), generator=generator)[: min(count, len(inputs))]
+    return CalibrationSet(inputs[chosen], source, digest, tokens=False)
+
+
+def calibration_for(model: Any, source: str | None = None, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
+    """Calibration inputs that fit the model: token windows for a causal LM, tensors otherwise.
+
+    With no ``source``: the reference calibration split for a language model; a module
+    must name its inputs (``zoo:digits`` for the reference CNN).
+    """
+    if getattr(model, "is_causal_lm", False):
+        return calibration_tokens(model.tokenizer, source or "zoo:calibration", seq_len=seq_len, count=count, seed=seed)
+    if source is None:
+        raise ValueError("calibration: a module that is not a language model needs input tensors "
+                         "(a .safetensors file with an 'inputs' tensor, or zoo:digits)")
+    return tensor_samples(source, count=count, seed=seed)

@@ -8,14 +8,13 @@ the same input (a tie group such as q/k/v) share one matrix, computed once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from quant.progress import ProgressFn
 from quant.units import Unit, is_transposed_conv1d
-
-ProgressFn = Callable[[int, int, str], None]
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +50,9 @@ def collect_hessians(
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
-            rows = _input_rows(module, args[0].detach()).double()
-            update = rows.T @ rows
+            rows = _input_rows(module, args[0].detach()).float()
+            # float32 products per batch (fast), float64 running sum (no drift over many batches).
+            update = (rows.T @ rows).double()
             hessians[name] = update if name not in hessians else hessians[name] + update
         return accumulate
 

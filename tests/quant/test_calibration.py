@@ -29,8 +29,8 @@ def test_calibration_windows_are_seeded_and_sized(tiny_llama):
     a = calibration_tokens(tok, "zoo:calibration", seq_len=64, count=5, seed=1)
     b = calibration_tokens(tok, "zoo:calibration", seq_len=64, count=5, seed=1)
     c = calibration_tokens(tok, "zoo:calibration", seq_len=64, count=5, seed=2)
-    assert a.input_ids.shape == (5, 64)
-    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert a.inputs.shape == (5, 64)
+    assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
     assert a.sha256 == c.sha256 and len(a.sha256) == 64
 
 
@@ -38,11 +38,11 @@ def test_evaluation_windows_do_not_overlap(tmp_path, tiny_llama):
     text = " ".join(f"word{i}" for i in range(3000))
     (tmp_path / "t.txt").write_text(text)
     windows = evaluation_tokens(tiny_llama.tokenizer, str(tmp_path / "t.txt"), seq_len=50)
-    flat = windows.input_ids.flatten()
+    flat = windows.inputs.flatten()
     stream = tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert flat.tolist() == stream[: len(flat)]
     few = evaluation_tokens(tiny_llama.tokenizer, str(tmp_path / "t.txt"), seq_len=50, max_windows=3)
-    assert few.input_ids.shape == (3, 50)
+    assert few.inputs.shape == (3, 50)
 
 
 def test_reference_splits_are_disjoint_and_exclude_held_out_text(zoo):

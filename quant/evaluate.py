@@ -1,0 +1,147 @@
+"""How good an allocation really is: apply it in simulation and score the model on held-out
+windows against its own 16-bit self.
+
+Scores: perplexity of the next token (and the unquantized model's, on the same tokens), KL divergence of the next-token distribution from
+the unquantized model's (mean over positions), top-1 agreement with it, plus the
+allocation's bytes and average bits. A uniform allocation is just another allocation, so
+baselines are the same call. ``Evaluator`` keeps a copy of the unquantized model and caches
+its log-probabilities (within a memory budget), so scoring many allocations of one model
+(a front, a refinement loop) runs the reference once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from quant.calibration import CalibrationSet
+from quant.formats import get_format
+from quant.kv_sim import kv_applied
+from quant.loading import LoadedModel
+from quant.quantizers import Method, simulate
+from quant.units import Unit, UnitSet, set_weight_matrix, weight_matrix
+
+
+@dataclass
+class Evaluation:
+    perplexity: float
+    kl: float
+    top1: float
+    tokens: int
+    seconds: float
+    reference_perplexity: float
+    bytes: int | None = None
+    avg_bits: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    output = module(batch, use_cache=False) if hasattr(module, "config") else module(batch)
+    return (output.logits if hasattr(output, "logits") else output).float()
+
+
+@contextlib.contextmanager
+def applied(
+    model: LoadedModel,
+    allocation: Mapping[str, str],
+    *,
+    method: Method = "rtn",
+    hessians: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Run the model with each weight unit of ``allocation`` (unit -> format name) quantized.
+
+    The original weights are put back on exit, even after an error, so one loaded model
+    serves any number of evaluations. KV units in the allocation are left to
+    ``quant.kv_sim.kv_applied``.
+    """
+    modules = dict(model.module.named_modules())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        for name, format_name in allocation.items():
+            if name.startswith("kv."):
+                continue
+            if name not in modules:
+                raise KeyError(f"allocation names unit {name!r}, which the model does not have")
+            w = weight_matrix(modules[name]).detach()
+            saved[name] = modules[name].weight.detach().clone()
+            hessian = hessians.get(name) if hessians else None
+            set_weight_matrix(modules[name], simulate(w.float(), get_format(format_name), method, hessian))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                modules[name].weight.copy_(original)
+
+
+class Evaluator:
+    """Scores a causal LM against its unquantized self on fixed token windows."""
+
+    def __init__(self, model: LoadedModel, windows: CalibrationSet, *, batch_size: int = 4, cache_bytes: float = 2e9):
+        if not model.is_causal_lm:
+            raise ValueError(f"{model.spec} is not a causal language model; evaluation needs next-token logits")
+        self.model = model
+        self.windows = windows
+        self.batch_size = batch_size
+        self.reference = copy.deepcopy(model.module).eval()
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_left = cache_bytes
+
+    def _reference_log_probs(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        if index in self._cache:
+            return self._cache[index]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(_logits(self.reference, batch)[:, :-1], dim=-1)
+        size = log_probs.numel() * log_probs.element_size()
+        if size <= self._cache_left:
+            self._cache[index] = log_probs
+            self._cache_left -= size
+        return log_probs
+
+    def score(self, max_windows: int | None = None) -> Evaluation:
+        """Score the model as it is now (wrap in ``applied(...)`` to score an allocation)."""
+        start = time.perf_counter()
+        inputs = self.windows.inputs if max_windows is None else self.windows.inputs[:max_windows]
+        nll = reference_nll = kl = agree = 0.0
+        count = 0
+        with torch.no_grad():
+            for index, batch in enumerate(inputs.split(self.batch_size)):
+                reference = self._reference_log_probs(index, batch)
+                log_probs = torch.log_softmax(_logits(self.model.module, batch)[:, :-1], dim=-1)
+                targets = batch[:, 1:].unsqueeze(-1)
+                nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
+                reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
+                kl += float((reference.exp() * (reference - log_probs)).sum(dtype=torch.float64))
+                agree += float((reference.argmax(-1) == log_probs.argmax(-1)).sum())
+                count += targets.numel()
+        return Evaluation(math.exp(nll / count), max(kl / count, 0.0), agree / count, count,
+                          round(time.perf_counter() - start, 3), math.exp(reference_nll / count))
+
+    def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
+                 hessians: Mapping[str, torch.Tensor] | None = None, units: UnitSet | None = None,
+                 max_windows: int | None = None) -> Evaluation:
+        """Score ``allocation`` (weights and KV caches); with ``units`` also report its weights' exact bytes and average bits."""
+        with applied(self.model, allocation, method=method, hessians=hessians), kv_applied(self.model, allocation):
+            result = self.score(max_windows)
+        if units is not None:
+            result.bytes, result.avg_bits = allocation_size(units.weights, allocation)
+        return result
+
+
+def allocation_size(units: list[Unit], allocation: Mapping[str, str]) -> tuple[int, float]:
+    """Exact bytes and average bits of the weight units an allocation covers (others at 16 bits)."""
+    total = sum(get_format(allocation.get(u.name, "bf16")).nbytes(u.shape) for u in units)
+    return total, 8.0 * total / sum(u.numel for u in units)
+
+
+def uniform(units: list[Unit], format_name: str) -> dict[str, str]:
+    """Every weight unit in one format: the baseline every allocation must beat."""
+    return {u.name: format_name for u in units}

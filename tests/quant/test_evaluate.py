@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from quant.calibration import evaluation_tokens
+from quant.evaluate import Evaluator, allocation_size, applied, uniform
+from quant.formats import get_format
+from quant.units import enumerate_units
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_llama):
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=4)
+    return Evaluator(tiny_llama, windows, batch_size=2)
+
+
+def test_the_unquantized_allocation_has_zero_kl_and_the_base_perplexity(evaluator):
+    result = evaluator.evaluate({})
+    assert result.kl == 0.0 and result.top1 == 1.0
+    assert result.perplexity == pytest.approx(result.reference_perplexity, rel=1e-12)
+    assert result.tokens == 4 * 31
+
+
+def test_fewer_bits_diverge_more(tiny_llama, evaluator):
+    units = enumerate_units(tiny_llama.module).weights
+    low = evaluator.evaluate(uniform(units, "int2_g32"))
+    high = evaluator.evaluate(uniform(units, "int8_g32"))
+    assert low.kl > high.kl > 0
+    assert low.top1 <= high.top1
+
+
+def test_weights_are_restored_even_after_an_error(tiny_llama):
+    before = {k: v.clone() for k, v in tiny_llama.module.state_dict().items()}
+    units = enumerate_units(tiny_llama.module).weights
+    with pytest.raises(KeyError, match="no_such_unit"):
+        with applied(tiny_llama, {**uniform(units, "int2_g32"), "no_such_unit": "int4_g32"}):
+            pass
+    after = tiny_llama.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_allocation_size_counts_exact_bytes(tiny_llama):
+    units = enumerate_units(tiny_llama.module).weights
+    allocation = {u.name: ("int4_g32" if i % 2 else "int8_g32") for i, u in enumerate(units)}
+    nbytes, avg_bits = allocation_size(units, allocation)
+    assert nbytes == sum(get_format(allocation[u.name]).nbytes(u.shape) for u in units)
+    assert avg_bits == pytest.approx(8 * nbytes / sum(u.numel for u in units))
+
+
+def test_evaluation_needs_a_language_model(digits_cnn, tiny_llama):
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=1)
+    with pytest.raises(ValueError, match="not a causal language model"):
+        Evaluator(digits_cnn, windows)
+
+
+def test_kv_units_in_an_allocation_are_simulated(tiny_llama, evaluator):
+    keys_2bit = evaluator.evaluate({"kv.0.key": "int2_g32", "kv.1.key": "int2_g32"})
+    keys_8bit = evaluator.evaluate({"kv.0.key": "int8_g32", "kv.1.key": "int8_g32"})
+    assert keys_2bit.kl > keys_8bit.kl >= 0 and keys_2bit.kl > 0
+    assert evaluator.evaluate({"kv.0.value": "bf16"}).kl == 0.0

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from quant import metrics
+from quant.calibration import calibration_for
+from quant.formats import parse_formats
+from quant.profile import KVOptions, Profile, ProfileCache, build_profile
+from quant.units import enumerate_units
+
+FORMATS = parse_formats("int2_g32,int4_g32,int8_g32,bf16")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_llama):
+    units = enumerate_units(tiny_llama.module, example_inputs=tiny_llama.example_inputs)
+    calibration = calibration_for(tiny_llama, "zoo:calibration", seq_len=32, count=4)
+    return units, calibration
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_llama, tiny_setup):
+    units, calibration = tiny_setup
+    return build_profile(tiny_llama, units, FORMATS, "output_mse", calibration)
+
+
+def test_profile_tables_are_exact_and_ordered(tiny_profile):
+    p = tiny_profile
+    assert p.error.shape == p.bytes.shape == (len(p.units), len(FORMATS))
+    for i, unit in enumerate(p.units):
+        assert [int(b) for b in p.bytes[i]] == [f.nbytes(unit.shape) for f in FORMATS]
+    # More bits, less error, for every unit; more bytes, more latency.
+    assert np.all(np.diff(p.error[:, :3], axis=1) < 0)
+    assert np.all(np.diff(p.latency[:, :3], axis=1) > 0)
+    assert "estimate" in p.meta["latency_source"]
+    assert p.meta["calibration"]["sha256"] and p.meta["metric"] == "output_mse"
+
+
+def test_profile_round_trips_through_npz(tiny_profile, tmp_path):
+    path = tiny_profile.save(tmp_path / "p.npz")
+    loaded = Profile.load(path)
+    for name in ("error", "bytes", "latency", "allowed"):
+        assert np.array_equal(getattr(loaded, name), getattr(tiny_profile, name))
+    assert loaded.units == tiny_profile.units
+    assert loaded.tie_groups == tiny_profile.tie_groups and loaded.meta == tiny_profile.meta
+    arrays = loaded.arrays()
+    assert arrays["tie_groups"] and all(isinstance(i, int) for g in arrays["tie_groups"] for i in g)
+
+
+def test_a_non_profile_file_is_refused(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a bitalloc profile"):
+        Profile.load(tmp_path / "x.npz")
+
+
+def test_cache_hit_skips_the_work(tiny_llama, tiny_setup, tmp_path, monkeypatch):
+    units, calibration = tiny_setup
+    calls = []
+    real = metrics.METRICS["output_mse"]
+    monkeypatch.setitem(metrics.METRICS, "output_mse", lambda ctx: calls.append(1) or real(ctx))
+    cache = ProfileCache(tmp_path)
+    first, hit_first = cache.get_or_build(tiny_llama, units, FORMATS, "output_mse", calibration)
+    second, hit_second = cache.get_or_build(tiny_llama, units, FORMATS, "output_mse", calibration)
+    assert (hit_first, hit_second) == (False, True) and len(calls) == 1
+    assert np.array_equal(first.error, second.error)
+    other = calibration_for(tiny_llama, "zoo:calibration", seq_len=32, count=4, seed=7)
+    _, hit_other = cache.get_or_build(tiny_llama, units, FORMATS, "output_mse", other)
+    assert not hit_other and len(calls) == 2
+
+
+def test_kv_units_are_costed_per_context(tiny_llama):
+    from quant.costs import unit_bytes
+    from quant.kv import kv_bytes_per_token
+
+    units = enumerate_units(tiny_llama.module, kv_cache=True)
+    key = next(u for u in units.units if u.kind == "kv_key")
+    fmt = FORMATS[1]  # int4_g32: 4 bits + a float16 scale per 32 tokens per channel
+    assert kv_bytes_per_token(key, fmt) == 2 * 16 * (4 / 8 + 2 / 32)
+    assert unit_bytes(key, fmt, context=4096, batch=2) == 2 * 16 * (4 / 8 + 2 / 32) * 4096 * 2
+    assert unit_bytes(key, FORMATS[3], context=10) == key.bytes_per_token * 10
+
+
+def test_cnn_profiles_through_the_same_path(digits_cnn):
+    units = enumerate_units(digits_cnn.module, example_inputs=digits_cnn.example_inputs)
+    calibration = calibration_for(digits_cnn, "zoo:digits", count=64)
+    profile = build_profile(digits_cnn, units, FORMATS[:3], "output_mse", calibration)
+    assert profile.error.shape == (4, 3) and np.all(profile.error > 0)
+    assert np.all(np.diff(profile.error, axis=1) < 0)
