@@ -217,3 +217,13 @@ def calibration_for(model: Any, source: str | None = None, *, seq_len: int = 512
         raise ValueError("calibration: a module that is not a language model needs input tensors "
                          "(a .safetensors file with an 'inputs' tensor, or zoo:digits)")
     return tensor_samples(source, count=count, seed=seed)
+
+
+def shared_documents(source_a: str, source_b: str) -> int:
+    """How many documents two text sources have in common (by content hash).
+
+    Calibration and evaluation text must never overlap, or the evaluation flatters
+    whatever was fitted on calibration; the pipeline refuses a job where they do.
+    """
+    hashes = [{hashlib.sha256(t.encode("utf-8")).digest() for t in load_texts(s)} for s in (source_a, source_b)]
+    return len(hashes[0] & hashes[1])

@@ -90,11 +90,9 @@ class LatencyModel:
         return nbytes / self.bandwidth + (KERNEL_OVERHEAD_S if unit.kind == "weight" else 0.0)
 
     def _nearest(self, unit: Unit, fmt: Format) -> float | None:
-        """Measured bytes per second of the closest-sized entry with the same width and group."""
-        if fmt.is_keep:
-            rows = [e for e in self.entries if e.get("bits") == 16]
-        else:
-            rows = [e for e in self.entries if e.get("bits") == fmt.bits and e.get("group_size") == fmt.group_size]
+        """Measured bytes per second of the closest-sized entry in the same format (fp16 for a kept unit)."""
+        wanted = "fp16" if fmt.is_keep else fmt.name
+        rows = [e for e in self.entries if e.get("format") == wanted]
         if not rows:
             return None
         size = unit.numel

@@ -57,3 +57,12 @@ def test_reference_splits_are_disjoint_and_exclude_held_out_text(zoo):
     assert sum(d["source"] == "moby-dick" for d in docs["evaluation"]) == 100
     texts = {s: {d["text"] for d in v} for s, v in docs.items()}
     assert not texts["calibration"] & texts["evaluation"]
+
+
+def test_shared_documents_between_sources(tmp_path, zoo):
+    from quant.calibration import shared_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "beta"}\n{"text": "gamma"}\n')
+    assert shared_documents(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")) == 1
+    assert shared_documents("zoo:calibration", "zoo:evaluation") == 0
