@@ -4,7 +4,7 @@ import pytest
 from quant import metrics
 from quant.calibration import calibration_for
 from quant.formats import parse_formats
-from quant.profile import KVOptions, Profile, ProfileCache, build_profile
+from quant.profile import Profile, ProfileCache, build_profile
 from quant.units import enumerate_units
 
 FORMATS = parse_formats("int2_g32,int4_g32,int8_g32,bf16")

@@ -1,0 +1,1 @@
+"""Alembic migrations (``bitalloc db upgrade``; the API and workers apply them at startup)."""

@@ -1,0 +1,108 @@
+"""Migrations on both databases, the token and db commands, the artifact store, progress records."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect, select, text
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.db import alembic_config, current_revision, head_revision, make_engine, upgrade
+from service.models import Token
+from service.progress import ProgressTracker
+from service.settings import Settings, get_settings
+from service.storage import BlobStore
+
+from service_helpers import job_body, running_app
+
+TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "alembic_version"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def empty_database(request, tmp_path) -> Iterator[str]:
+    """A database with nothing in it: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/m.db"
+        return
+    base = os.environ.get("BITALLOC_TEST_DATABASE_URL") or pytest.skip("BITALLOC_TEST_DATABASE_URL is not set")
+    schema = f"bitalloc_migrations_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def test_migrations_run_up_down_and_up_again(empty_database):
+    engine = make_engine(empty_database)
+    upgrade(engine)
+    assert current_revision(engine) == head_revision() == "0001"
+    assert TABLES <= set(inspect(engine).get_table_names())
+    upgrade(engine)  # again: a no-op, as at every start
+    with engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    upgrade(engine)
+    assert current_revision(engine) == "0001"
+    engine.dispose()
+
+
+def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        upgraded = runner.invoke(app, ["db", "upgrade"])
+        assert upgraded.exit_code == 0 and "revision 0001" in upgraded.output
+        created = runner.invoke(app, ["token", "create", "--name", "ci"])
+        assert created.exit_code == 0, created.output
+        secret = created.stdout.strip().splitlines()[-1]
+        assert secret.startswith("bat_") and len(secret) > 40
+        with running_app(Settings(data_dir=tmp_path / "data", worker_threads=0)) as (client, ctx):
+            with ctx.sessions() as session:
+                token = session.scalar(select(Token).where(Token.name == "ci"))
+            assert token.token_hash == hashlib.sha256(secret.encode()).hexdigest() and secret not in token.prefix + token.name
+            headers = {"Authorization": f"Bearer {secret}"}
+            assert client.post("/v1/jobs", json=job_body(), headers=headers).status_code == 201
+            assert runner.invoke(app, ["token", "revoke", "--name", "ci"]).exit_code == 0
+            assert client.get("/v1/jobs", headers=headers).status_code == 401
+        assert runner.invoke(app, ["token", "create", "--name", " "]).exit_code == 1
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_store_keeps_each_content_once_by_its_sha256(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_bytes(b"config")
+    assert sha == hashlib.sha256(b"config").hexdigest() and store.path(sha).read_bytes() == b"config"
+    assert store.put_bytes(b"config") == sha and len(list((tmp_path / "blobs").rglob("*"))) == 3  # 2 folders + 1 file
+    source = tmp_path / "profile.npz"
+    source.write_bytes(b"x" * 3_000_000)
+    assert store.put_file(source) == (hashlib.sha256(source.read_bytes()).hexdigest(), 3_000_000)
+    with pytest.raises(ValueError, match="sha256"):
+        store.path("../../etc/passwd")
+
+
+def test_progress_names_the_phase_and_unit_and_never_goes_back():
+    tracker = ProgressTracker()
+    assert tracker.update(0, 1, "load") is True and tracker.snapshot() == {"phase": "load", "done": 0, "total": 1, "percent": 0.0}
+    tracker.update(1, 1, "load")
+    assert tracker.update(7, 14, "output_mse") is True
+    assert tracker.snapshot() == {"phase": "output_mse", "done": 7, "total": 14, "percent": 50.0}
+    assert tracker.update(8, 14, "output_mse") is False
+    tracker.update(1, 1, "hessians")  # a phase of an earlier band cannot pull the percent back
+    assert tracker.percent >= 50.0
+    tracker.update(0, 1, "evaluate")
+    assert tracker.percent == 90.0
+    tracker.finish()
+    assert tracker.snapshot()["percent"] == 100.0
