@@ -20,13 +20,11 @@ import numpy as np
 
 from search.allocation import Allocation
 from search.budgets import Budgets, Metric
-from search.feasibility import extreme_allocation
 from search.front import Front
 from search.problem import Problem
 from search.registry import register
-from search.solver import Solver
 from search.solvers.hull import HullPath, lagrangian_bound
-from search.solvers.knapsack import Knapsack, as_knapsack
+from search.solvers.knapsack import Knapsack, KnapsackSolver
 from search.solvers.table import KnapsackTable
 from search.sweep import budget_range
 
@@ -37,7 +35,7 @@ CORE_SHARE = 0.25
 
 
 @register
-class DPSolver(Solver):
+class DPSolver(KnapsackSolver):
     """Exact multiple-choice-knapsack DP for one budget besides the objective.
 
     Takes: error within a byte, average-bits or latency cap; bytes or latency
@@ -74,17 +72,8 @@ class DPSolver(Solver):
             raise ValueError(f"buckets must be >= 1, got {buckets}")
         self.buckets = buckets
 
-    def unsupported(self, problem: Problem, budgets: Budgets, objective: Metric) -> str | None:
-        form = as_knapsack(problem, budgets, objective)
-        return form if isinstance(form, str) else None
-
-    def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
-        form = as_knapsack(problem, budgets, objective)
-        assert isinstance(form, Knapsack)
-        if form.limited is None:
-            return extreme_allocation(problem, form.objective, form.partner, solver=self.name)
-        resource, value = form.tables(problem)
-        path = HullPath.build(resource, value, problem.groups.allowed)
+    def _solve_on_path(self, problem: Problem, form: Knapsack, resource: np.ndarray, value: np.ndarray,
+                       path: HullPath) -> Allocation:
         return self._allocation(problem, form, resource, value, path, form.cap)
 
     def _front(self, problem: Problem, axes: tuple[Metric, ...], points: int, budgets: Budgets) -> Front:

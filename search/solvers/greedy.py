@@ -6,17 +6,15 @@ import numpy as np
 
 from search.allocation import Allocation
 from search.budgets import Budgets, Metric
-from search.feasibility import extreme_allocation
 from search.front import Front
 from search.problem import Problem
 from search.registry import register
-from search.solver import Solver
 from search.solvers.hull import HullPath
-from search.solvers.knapsack import Knapsack, as_knapsack
+from search.solvers.knapsack import Knapsack, KnapsackSolver
 
 
 @register
-class GreedySolver(Solver):
+class GreedySolver(KnapsackSolver):
     """Convex-hull greedy for one budget besides the objective (like ``dp``).
 
     Takes upgrade steps in order of value saved per unit of resource while
@@ -29,17 +27,8 @@ class GreedySolver(Solver):
 
     name = "greedy"
 
-    def unsupported(self, problem: Problem, budgets: Budgets, objective: Metric) -> str | None:
-        form = as_knapsack(problem, budgets, objective)
-        return form if isinstance(form, str) else None
-
-    def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
-        form = as_knapsack(problem, budgets, objective)
-        assert isinstance(form, Knapsack)
-        if form.limited is None:
-            return extreme_allocation(problem, form.objective, form.partner, solver=self.name)
-        resource, value = form.tables(problem)
-        path = HullPath.build(resource, value, problem.groups.allowed)
+    def _solve_on_path(self, problem: Problem, form: Knapsack, resource: np.ndarray, value: np.ndarray,
+                       path: HullPath) -> Allocation:
         choice = path.within(form.cap) if form.minimises_value else path.prefix(path.steps_reaching(form.cap))
         return self._allocation(problem, choice)
 

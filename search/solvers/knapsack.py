@@ -10,12 +10,17 @@ would lose the small errors users care about.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 
+from search.allocation import Allocation
 from search.budgets import Budgets, Metric
+from search.feasibility import extreme_allocation
 from search.problem import Problem
+from search.solver import Solver
+from search.solvers.hull import HullPath
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,30 @@ def as_knapsack(problem: Problem, budgets: Budgets, objective: Metric) -> Knapsa
     if others:
         return Knapsack.between(objective, others[0], caps[others[0]])
     return Knapsack.between(objective, "bytes" if objective == "error" else "error", limited=False)
+
+
+class KnapsackSolver(Solver):
+    """What ``dp`` and ``greedy`` share: the single-budget form and its hull path.
+
+    Both take exactly the budgets :func:`as_knapsack` accepts and both start
+    from the convex-hull path of the groups' options; they differ only in how
+    they pick a point on (``greedy``) or beyond (``dp``) that path.
+    """
+
+    def unsupported(self, problem: Problem, budgets: Budgets, objective: Metric) -> str | None:
+        form = as_knapsack(problem, budgets, objective)
+        return form if isinstance(form, str) else None
+
+    def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
+        form = as_knapsack(problem, budgets, objective)
+        assert isinstance(form, Knapsack)
+        if form.limited is None:
+            return extreme_allocation(problem, form.objective, form.partner, solver=self.name)
+        resource, value = form.tables(problem)
+        path = HullPath.build(resource, value, problem.groups.allowed)
+        return self._solve_on_path(problem, form, resource, value, path)
+
+    @abstractmethod
+    def _solve_on_path(self, problem: Problem, form: Knapsack, resource: np.ndarray, value: np.ndarray,
+                       path: HullPath) -> Allocation:
+        """The allocation for ``form``'s cap, given the hull path of its tables."""
