@@ -80,6 +80,14 @@ def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
     _ARCHITECTURES[name] = builder
 
 
+def build_module(architecture: str, kwargs: dict | None = None) -> nn.Module:
+    """A fresh module of a registered architecture; ``ModelLoadError`` names the registered ones otherwise."""
+    _ensure_builtins()
+    if architecture not in _ARCHITECTURES:
+        raise ModelLoadError(f"unknown architecture {architecture!r}; registered: {sorted(_ARCHITECTURES)}")
+    return _ARCHITECTURES[architecture](**(kwargs or {}))
+
+
 def _ensure_builtins() -> None:
     import quant.zoo  # noqa: F401  (registers the reference factories and architectures)
 
@@ -170,12 +178,13 @@ def _load_module_dir(path: Path, policy: LoadPolicy) -> LoadedModel:
     """A plain PyTorch module: a registered architecture rebuilt and filled from safetensors."""
     manifest = json.loads((path / MODULE_MANIFEST).read_text())
     architecture = manifest.get("architecture")
-    if architecture not in _ARCHITECTURES:
-        raise ModelLoadError(f"{path}: unknown architecture {architecture!r}; registered: {sorted(_ARCHITECTURES)}")
     weights = path / "model.safetensors"
     if not weights.exists():
         raise ModelLoadError(f"{path}: {MODULE_MANIFEST} present but model.safetensors is missing")
-    module = _ARCHITECTURES[architecture](**manifest.get("kwargs", {}))
+    try:
+        module = build_module(architecture, manifest.get("kwargs"))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
     module.load_state_dict(load_file(weights))
     shape = manifest.get("example_input_shape")
     example = (torch.zeros(shape),) if shape else None

@@ -73,3 +73,21 @@ def test_calibration_and_evaluation_text_must_not_overlap(tmp_path, zoo):
     text.write_text("The same words calibrate and evaluate here. " * 200)
     with pytest.raises(ValueError, match="share 1 document"):
         run_job(spec(calibration=str(text), evaluation=str(text)), profile_dir=tmp_path)
+
+
+def test_cli_build_and_generate_an_artifact(tmp_path, zoo):
+    from quant.loading import load_model
+    from quant.units import enumerate_units
+
+    units = enumerate_units(load_model("factory:tiny-llama").module).weights
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"formats": {u.name: ("int4_g32" if i % 2 else "int8_g32") for i, u in enumerate(units)}}))
+    runner = CliRunner()
+    out = tmp_path / "artifact"
+    done = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert (out / "bitalloc_artifact.json").exists()
+    done = runner.invoke(app, ["generate", "--artifact", str(out), "--prompt", "The nation", "--max-new-tokens", "3"])
+    assert done.exit_code == 0 and done.output.startswith("The nation"), done.output
+    done = runner.invoke(app, ["generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"])
+    assert done.exit_code == 1 and "error:" in done.output
