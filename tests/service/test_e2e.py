@@ -154,3 +154,28 @@ def test_queue_end_to_end_on_postgres_and_redis(queued_settings, tmp_path, monke
                             headers=owner).json()
         assert config["formats"] == direct.formats and config["totals"]["error"] <= 1.0
         assert metric(client, "bitalloc_jobs", state="succeeded") == succeeded + 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.reference
+def test_reference_lm_job_on_postgres_and_redis(queued_settings, tmp_path, monkeypatch, zoo):
+    """The real SmolLM2 through HTTP, RQ and PostgreSQL, at a tiny calibration size."""
+    body = job_body(model="zoo:llm", formats=["int4_g128", "int8_g128"], budgets={"avg_bits": 6.0}, points=4,
+                    calibration={"seq_len": 64, "samples": 2}, evaluation={"windows": 1})
+    with running_app(queued_settings) as (client, ctx):
+        owner = bearer(ctx, "owner")
+        job_id = client.post("/v1/jobs", json=body, headers=owner).json()["id"]
+        monkeypatch.setitem(worker._contexts, os.getpid(), ctx)
+        SimpleWorker([ctx.queue.rq], connection=ctx.queue.redis).work(burst=True)
+        job = client.get(f"/v1/jobs/{job_id}", headers=owner).json()
+        assert job["state"] == "succeeded", job
+        problem = problem_of(stored_profile(client, owner, job_id, tmp_path))
+        assert len(problem.unit_names) == 210
+        direct = solve(problem, Budgets(max_avg_bits=6.0), solver="dp")
+        config = client.get(f"/v1/jobs/{job_id}/points/{job['result']['chosen_point_id']}/config?format=json",
+                            headers=owner).json()
+        assert config["formats"] == direct.formats and config["totals"]["avg_bits"] <= 6.0
+        assert set(config["formats"].values()) == {"int4_g128", "int8_g128"}
+        evaluation = job["result"]["evaluation"]
+        assert evaluation["tokens"] == 63 and 0 < evaluation["kl"] < 1
