@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from quant.progress import ProgressFn
-from quant.units import Unit, is_transposed_conv1d
+from quant.calibration import CalibrationSet
+from quant.units import Unit, UnitSet, is_transposed_conv1d
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,3 +74,10 @@ def collect_hessians(
         if unit.kind == "weight" and unit.name not in result and leader.get(unit.name) in result:
             result[unit.name] = result[leader[unit.name]]
     return result
+
+
+def calibration_hessians(model: nn.Module, units: UnitSet, calibration: CalibrationSet, *,
+                         batch_size: int = 4, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+    """``collect_hessians`` for a unit set (its tie groups shared) over a calibration set."""
+    return collect_hessians(model, units.weights, calibration.batches(batch_size),
+                            tie_groups=units.tie_groups, progress=progress)

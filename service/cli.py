@@ -233,7 +233,7 @@ def evaluate(
     """Held-out perplexity, KL from the 16-bit model and top-1 agreement of an allocation."""
     from quant.calibration import calibration_for, evaluation_tokens
     from quant.evaluate import Evaluator
-    from quant.hessian import collect_hessians
+    from quant.hessian import calibration_hessians
     from quant.loading import ModelLoadError, load_model
     from quant.units import enumerate_units
     from service.settings import get_settings
@@ -246,7 +246,7 @@ def evaluate(
         hessians = None
         if method == "gptq":
             calib = calibration_for(loaded, None, seq_len=seq_len)
-            hessians = collect_hessians(loaded.module, units.weights, calib.batches(4), tie_groups=units.tie_groups)
+            hessians = calibration_hessians(loaded.module, units, calib)
         evaluator = Evaluator(loaded, evaluation_tokens(loaded.tokenizer, source, seq_len=seq_len, max_windows=windows))
         result = evaluator.evaluate(formats, method=method, hessians=hessians, units=units)  # type: ignore[arg-type]
     except (ModelLoadError, ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 from quant.calibration import calibration_for, evaluation_tokens, shared_documents
 from quant.evaluate import Evaluator
 from quant.formats import parse_formats
-from quant.hessian import collect_hessians
+from quant.hessian import calibration_hessians
 from quant.loading import LoadedModel, LoadPolicy, load_model
 from quant.profile import KVOptions, Profile, ProfileCache
 from quant.progress import ProgressFn, no_progress
@@ -127,7 +127,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         progress(0, 1, "evaluate")
         hessians = None
         if spec.method == "gptq":
-            hessians = collect_hessians(model.module, units.weights, calibration.batches(4), tie_groups=units.tie_groups)
+            hessians = calibration_hessians(model.module, units, calibration)
         evaluation = evaluate_point(model, chosen, spec, hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")

@@ -24,7 +24,7 @@ from quant.artifact.manifest import LAYOUT, MANIFEST, WEIGHTS, Artifact, Artifac
 from quant.artifact.storage import encode, runs_as, storage_of
 from quant.calibration import CalibrationSet
 from quant.formats import Format, get_format
-from quant.hessian import collect_hessians
+from quant.hessian import calibration_hessians
 from quant.loading import MODULE_MANIFEST, LoadedModel
 from quant.progress import ProgressFn, no_progress
 from quant.quantizers import METHODS, Method, uses_gptq
@@ -126,8 +126,7 @@ def _hessians(model: LoadedModel, units: dict[str, tuple[nn.Module, Format]], me
             raise ArtifactError(f"hessians: none given for {len(missing)} GPTQ unit(s), e.g. {missing[0]!r}")
         return given
     unit_set = enumerate_units(model.module, include=wanted, exclude=(), example_inputs=model.example_inputs)
-    return collect_hessians(model.module, unit_set.units, calibration.batches(4), tie_groups=unit_set.tie_groups,
-                            progress=progress)
+    return calibration_hessians(model.module, unit_set, calibration, progress=progress)
 
 
 def _unit_record(fmt: Format, module: nn.Module, method: Method, tensors: list[str]) -> dict:

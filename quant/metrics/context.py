@@ -10,7 +10,7 @@ from torch import nn
 
 from quant.calibration import CalibrationSet
 from quant.formats import Format
-from quant.hessian import collect_hessians
+from quant.hessian import calibration_hessians
 from quant.loading import LoadedModel
 from quant.progress import ProgressFn, no_progress
 from quant.quantizers import Method, simulate
@@ -48,8 +48,8 @@ class ProfilingContext:
     @functools.cached_property
     def hessians(self) -> dict[str, torch.Tensor]:
         """``H = X^T X`` per weight unit, from one pass over the calibration batches."""
-        return collect_hessians(self.module, self.weight_units, self.batches(),
-                                tie_groups=self.units.tie_groups, progress=self.progress)
+        return calibration_hessians(self.module, self.units, self.calibration,
+                                    batch_size=self.batch_size, progress=self.progress)
 
     def weight(self, unit: Unit) -> torch.Tensor:
         return weight_matrix(self.modules[unit.name]).detach().float()

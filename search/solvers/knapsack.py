@@ -81,6 +81,11 @@ def as_knapsack(problem: Problem, budgets: Budgets, objective: Metric) -> Knapsa
     return Knapsack.between(objective, "bytes" if objective == "error" else "error", limited=False)
 
 
+def exact_solver_name(problem: Problem, budgets: Budgets, objective: Metric) -> str:
+    """``dp`` when the budgets fit the single-budget form, else ``ilp``: the exact solver to start from."""
+    return "ilp" if isinstance(as_knapsack(problem, budgets, objective), str) else "dp"
+
+
 class KnapsackSolver(Solver):
     """What ``dp`` and ``greedy`` share: the single-budget form and its hull path.
 

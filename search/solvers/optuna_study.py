@@ -16,7 +16,7 @@ from search.front import Front
 from search.problem import Problem
 from search.registry import get_solver, register
 from search.solver import Solver
-from search.solvers.knapsack import as_knapsack
+from search.solvers.knapsack import exact_solver_name
 
 
 @register
@@ -63,7 +63,7 @@ class OptunaSolver(Solver):
         self.seed = seed
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
-        exact = get_solver("dp" if not isinstance(as_knapsack(problem, budgets, objective), str) else "ilp")
+        exact = get_solver(exact_solver_name(problem, budgets, objective))
         found = self._study(problem, (objective,), budgets, start=[exact.solve(problem, budgets, objective)])
         return min(found, key=lambda a: self._score(a, objective))
 

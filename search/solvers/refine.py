@@ -22,7 +22,7 @@ from search.front import Front
 from search.problem import Problem
 from search.registry import get_solver, register
 from search.solver import Solver
-from search.solvers.knapsack import as_knapsack
+from search.solvers.knapsack import exact_solver_name
 
 
 @register
@@ -70,7 +70,7 @@ class RefineSolver(Solver):
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
         if self.start is None:
-            exact = "dp" if not isinstance(as_knapsack(problem, budgets, objective), str) else "ilp"
+            exact = exact_solver_name(problem, budgets, objective)
             start = get_solver(exact).solve(problem, budgets, objective)
         else:
             broken = problem.violations(self.start.choice, budgets)
