@@ -15,7 +15,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,12 +56,13 @@ def applied(
     *,
     method: Method = "rtn",
     hessians: Mapping[str, torch.Tensor] | None = None,
+    cache: QuantizedWeights | None = None,
 ) -> Iterator[None]:
     """Run the model with each weight unit of ``allocation`` (unit -> format name) quantized.
 
     The original weights are put back on exit, even after an error, so one loaded model
     serves any number of evaluations. KV units in the allocation are left to
-    ``quant.kv_sim.kv_applied``.
+    ``quant.kv_sim.kv_applied``. ``cache`` keeps quantized weights for the next call.
     """
     modules = dict(model.module.named_modules())
     saved: dict[str, torch.Tensor] = {}
@@ -74,7 +75,11 @@ def applied(
             w = weight_matrix(modules[name]).detach()
             saved[name] = modules[name].weight.detach().clone()
             hessian = hessians.get(name) if hessians else None
-            set_weight_matrix(modules[name], simulate(w.float(), get_format(format_name), method, hessian))
+
+            def quantize() -> torch.Tensor:
+                return simulate(w.float(), get_format(format_name), method, hessian)  # noqa: B023 (called at once)
+
+            set_weight_matrix(modules[name], quantize() if cache is None else cache.get((name, format_name, method), quantize))
         yield
     finally:
         with torch.no_grad():
@@ -82,27 +87,54 @@ def applied(
                 modules[name].weight.copy_(original)
 
 
+class QuantizedWeights:
+    """Simulated weights by (unit, format, method), kept within a byte budget.
+
+    A front, a refinement loop or a benchmark scores many allocations that share most of
+    their cells; GPTQ in particular costs far more than a forward pass, so each cell is
+    quantized once. The weights are deterministic given the model and the Hessians, so
+    one cache must serve one model and one calibration set.
+    """
+
+    def __init__(self, max_bytes: float = 2e9) -> None:
+        self._weights: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._left = max_bytes
+
+    def get(self, key: tuple[str, str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self._weights:
+            return self._weights[key]
+        weight = compute()
+        size = weight.numel() * weight.element_size()
+        if size <= self._left:
+            self._weights[key] = weight
+            self._left -= size
+        return weight
+
+
 class Evaluator:
     """Scores a causal LM against its unquantized self on fixed token windows."""
 
-    def __init__(self, model: LoadedModel, windows: CalibrationSet, *, batch_size: int = 4, cache_bytes: float = 2e9):
+    def __init__(self, model: LoadedModel, windows: CalibrationSet, *, batch_size: int = 4, cache_bytes: float = 2e9,
+                 weight_cache_bytes: float = 0.0):
         if not model.is_causal_lm:
             raise ValueError(f"{model.spec} is not a causal language model; evaluation needs next-token logits")
         self.model = model
         self.windows = windows
         self.batch_size = batch_size
         self.reference = copy.deepcopy(model.module).eval()
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}  # by (batch index, windows in it)
         self._cache_left = cache_bytes
+        self.weights = QuantizedWeights(weight_cache_bytes) if weight_cache_bytes else None
 
     def _reference_log_probs(self, index: int, batch: torch.Tensor) -> torch.Tensor:
-        if index in self._cache:
-            return self._cache[index]
+        key = (index, len(batch))  # a smaller max_windows makes a shorter last batch
+        if key in self._cache:
+            return self._cache[key]
         with torch.no_grad():
             log_probs = torch.log_softmax(_logits(self.reference, batch)[:, :-1], dim=-1)
         size = log_probs.numel() * log_probs.element_size()
         if size <= self._cache_left:
-            self._cache[index] = log_probs
+            self._cache[key] = log_probs
             self._cache_left -= size
         return log_probs
 
@@ -129,7 +161,8 @@ class Evaluator:
                  hessians: Mapping[str, torch.Tensor] | None = None, units: UnitSet | None = None,
                  max_windows: int | None = None) -> Evaluation:
         """Score ``allocation`` (weights and KV caches); with ``units`` also report its weights' exact bytes and average bits."""
-        with applied(self.model, allocation, method=method, hessians=hessians), kv_applied(self.model, allocation):
+        with (applied(self.model, allocation, method=method, hessians=hessians, cache=self.weights),
+              kv_applied(self.model, allocation)):
             result = self.score(max_windows)
         if units is not None:
             result.bytes, result.avg_bits = allocation_size(units.weights, allocation)
@@ -145,3 +178,25 @@ def allocation_size(units: list[Unit], allocation: Mapping[str, str]) -> tuple[i
 def uniform(units: list[Unit], format_name: str) -> dict[str, str]:
     """Every weight unit in one format: the baseline every allocation must beat."""
     return {u.name: format_name for u in units}
+
+
+class MeasuredKL:
+    """A measured objective for the search (``search.SampledEvaluator``): the KL of an
+    allocation on the first ``ceil(samples / window length)`` windows of ``evaluator``.
+
+    The windows are the evaluator's, in order, so a larger sample count sees a superset of
+    what a smaller one saw and the same (allocation, samples) always measures the same.
+    Give it windows the result will not be judged on (e.g. calibration text at random
+    offsets, ``quant.calibration.calibration_tokens``): a search that selects on a few
+    fixed windows fits their noise, so judge its answer on held-out text.
+    """
+
+    def __init__(self, evaluator: Evaluator, *, method: Method = "rtn",
+                 hessians: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.evaluator, self.method, self.hessians = evaluator, method, hessians
+        self.window = evaluator.windows.inputs.shape[-1]
+
+    def __call__(self, allocation: object, samples: int) -> float:
+        windows = min(max(1, math.ceil(samples / self.window)), len(self.evaluator.windows.inputs))
+        formats = allocation.formats  # type: ignore[attr-defined]  (a search.Allocation; quant does not import search)
+        return self.evaluator.evaluate(formats, method=self.method, hessians=self.hessians, max_windows=windows).kl

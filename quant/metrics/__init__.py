@@ -13,6 +13,7 @@ import numpy as np
 
 from quant.metrics.context import ProfilingContext
 from quant.metrics.fisher import fisher
+from quant.metrics.fisher_mse import fisher_mse
 from quant.metrics.hessian_trace import hessian_trace
 from quant.metrics.kl import kl
 from quant.metrics.output_mse import output_mse
@@ -23,6 +24,7 @@ METRICS: dict[str, MetricFn] = {
     "output_mse": output_mse,
     "hessian_trace": hessian_trace,
     "fisher": fisher,
+    "fisher_mse": fisher_mse,
     "kl": kl,
 }
 

@@ -1,4 +1,8 @@
-"""What every metric needs, computed at most once per profile."""
+"""What every metric needs, computed at most once per profile.
+
+``cache`` (optional) keeps the quantized cells for other metrics and for evaluation of the
+same model and calibration set: GPTQ cells cost far more than the metric around them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from torch import nn
 
 from quant.calibration import CalibrationSet
+from quant.evaluate import QuantizedWeights
 from quant.formats import Format
 from quant.hessian import calibration_hessians
 from quant.loading import LoadedModel
@@ -29,6 +34,7 @@ class ProfilingContext:
     batch_size: int = 4
     progress: ProgressFn = no_progress
     options: dict = field(default_factory=dict)
+    cache: QuantizedWeights | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -57,4 +63,6 @@ class ProfilingContext:
     def quantized(self, unit: Unit, fmt: Format) -> torch.Tensor:
         """The unit's weight in ``fmt`` by the profile's method (GPTQ uses the Hessian)."""
         hessian = self.hessians[unit.name] if self.method == "gptq" else None
-        return simulate(self.weight(unit), fmt, self.method, hessian)
+        if self.cache is None:
+            return simulate(self.weight(unit), fmt, self.method, hessian)
+        return self.cache.get((unit.name, fmt.name, self.method), lambda: simulate(self.weight(unit), fmt, self.method, hessian))

@@ -60,7 +60,12 @@ def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, see
 
 def hessian_trace(ctx: ProfilingContext) -> np.ndarray:
     samples = int(ctx.options.get("hutchinson_samples", DEFAULT_SAMPLES))
-    traces = hutchinson_traces(ctx, samples, int(ctx.options.get("hutchinson_seed", 0)))
+    return trace_errors(ctx, hutchinson_traces(ctx, samples, int(ctx.options.get("hutchinson_seed", 0))))
+
+
+def trace_errors(ctx: ProfilingContext, traces: np.ndarray) -> np.ndarray:
+    """The cells from given traces: the traces depend on the model and data only, so one
+    Hutchinson run serves every quantizer and format set."""
     units = ctx.weight_units
     errors = np.zeros((len(units), len(ctx.formats)))
     for i, unit in enumerate(units):

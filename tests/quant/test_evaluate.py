@@ -57,3 +57,44 @@ def test_kv_units_in_an_allocation_are_simulated(tiny_llama, evaluator):
     keys_8bit = evaluator.evaluate({"kv.0.key": "int8_g32", "kv.1.key": "int8_g32"})
     assert keys_2bit.kl > keys_8bit.kl >= 0 and keys_2bit.kl > 0
     assert evaluator.evaluate({"kv.0.value": "bf16"}).kl == 0.0
+
+
+def test_fewer_windows_then_all_score_as_a_fresh_evaluator(tiny_llama):
+    """The reference cache is by batch index and size: a short last batch must not be reused."""
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=4)
+    units = enumerate_units(tiny_llama.module).weights
+    allocation = uniform(units, "int4_g32")
+    warmed = Evaluator(tiny_llama, windows, batch_size=2)
+    assert warmed.evaluate(allocation, max_windows=1).tokens == 31
+    assert warmed.evaluate(allocation).kl == pytest.approx(Evaluator(tiny_llama, windows, batch_size=2)
+                                                           .evaluate(allocation).kl, rel=1e-9)
+
+
+def test_the_weight_cache_quantizes_each_cell_once(tiny_llama, monkeypatch):
+    import quant.evaluate
+
+    calls = []
+    real = quant.evaluate.simulate
+    monkeypatch.setattr(quant.evaluate, "simulate", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=2)
+    units = enumerate_units(tiny_llama.module).weights
+    cached = Evaluator(tiny_llama, windows, weight_cache_bytes=1e9)
+    first = cached.evaluate(uniform(units, "int4_g32"))
+    assert len(calls) == len(units)
+    again = cached.evaluate(uniform(units, "int4_g32"))
+    assert len(calls) == len(units) and again.kl == first.kl
+    mixed = {**uniform(units, "int4_g32"), units[0].name: "int8_g32"}
+    cached.evaluate(mixed)
+    assert calls[len(units):] == ["int8_g32"]  # only the new cell is quantized
+
+
+def test_measured_kl_scores_the_windows_its_sample_count_covers(tiny_llama):
+    from quant.evaluate import MeasuredKL
+
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=4)
+    units = enumerate_units(tiny_llama.module).weights
+    evaluator = Evaluator(tiny_llama, windows, batch_size=2)
+    allocation = type("A", (), {"formats": uniform(units, "int2_g32")})()
+    measured = MeasuredKL(evaluator)
+    assert measured(allocation, 33) == evaluator.evaluate(allocation.formats, max_windows=2).kl
+    assert measured(allocation, 10_000) == evaluator.evaluate(allocation.formats).kl
