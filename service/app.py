@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from service.api import artifacts, fronts, health, jobs
+from service import dashboard
+from service.api import artifacts, exports, fronts, health, jobs
 from service.context import Context
+from service.dashboard import api as dashboard_api
 from service.metrics import registry_for
 from service.settings import Settings, get_settings
 from service.worker import LocalWorkers, Reaper
@@ -41,8 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.state.registry = registry_for(ctx)
     v1 = APIRouter(prefix="/v1")
-    for router in (jobs.router, fronts.router, artifacts.router):
+    for router in (jobs.router, fronts.router, artifacts.router, exports.router, dashboard_api.router):
         v1.include_router(router)
     app.include_router(v1)
     app.include_router(health.router)
+    dashboard.mount(app)
     return app

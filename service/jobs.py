@@ -3,7 +3,9 @@
 States: ``queued -> running -> succeeded | failed | canceled`` (and ``running -> queued``
 when a worker is lost and the job is retried). Every transition is a compare-and-set
 (``UPDATE ... WHERE state = ... [AND lease_owner = ...]``), so two workers, a worker and the
-reaper, or two API replicas can race and exactly one of them wins.
+reaper, or two API replicas can race and exactly one of them wins. The lifecycle is the same
+for every kind of job; what the API calls a job is a ``compress`` job (builds of a point's
+artifact, kind ``artifact``, are read through ``service.builds``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete as delete_rows
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import FINISHED_STATES, Job, JobLog, utcnow
+from service.models import FINISHED_STATES, Build, Job, JobLog, utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
 
@@ -76,11 +79,11 @@ def _same_request(job: Job, digest: str) -> Job:
 
 def get_job(session: Session, token_id: int, job_id: uuid.UUID) -> Job | None:
     """The token's job, or None: another token's job is indistinguishable from a missing one."""
-    return session.scalar(select(Job).where(Job.id == job_id, Job.token_id == token_id))
+    return session.scalar(select(Job).where(Job.id == job_id, Job.token_id == token_id, Job.kind == "compress"))
 
 
 def list_jobs(session: Session, token_id: int, state: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-    where = [Job.token_id == token_id] + ([Job.state == state] if state else [])
+    where = [Job.token_id == token_id, Job.kind == "compress"] + ([Job.state == state] if state else [])
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     rows = session.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
     return list(rows), total
@@ -115,9 +118,15 @@ def fail_queued(session: Session, job_id: uuid.UUID, reason: str) -> None:
 
 
 def delete(session: Session, job: Job) -> None:
-    """Delete a job with its front, allocations, log and artifact records (not while it runs)."""
+    """Delete a job with its front, allocations, log, artifact records and builds (not while it
+    or one of its builds runs)."""
     if job.state == "running":
         raise StateConflict("job is running: cancel it first")
+    builds = select(Build.job_id).where(Build.parent_id == job.id)
+    if session.scalar(select(exists().where(Job.id.in_(builds), Job.state == "running"))):
+        raise StateConflict("a build of this job is running: cancel it first")
+    # A build's job row is not a child of the parent's in the schema, so it goes explicitly.
+    session.execute(delete_rows(Job).where(Job.id.in_(builds)))
     session.delete(job)
 
 

@@ -1,4 +1,4 @@
-"""The database: tokens, jobs and their log, profiles, fronts, points, allocations, artifacts.
+"""The database: tokens, jobs and their log, profiles, fronts, points, allocations, artifacts, builds.
 
 Ownership runs through ``token_id``: a job, its front and its artifacts belong to the token
 that submitted the job, and every query filters by it. Profiles are shared: they are a cache
@@ -13,11 +13,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, String, Text, TypeDecorator, UniqueConstraint, Uuid)
+                        MetaData, String, Text, TypeDecorator, UniqueConstraint, Uuid, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED_STATES = ("succeeded", "failed", "canceled")
+# A job compresses (profile, front) or builds a point's packed artifact (with a ``Build`` row).
+JOB_KINDS = ("compress", "artifact")
+# At most one build per point and method is live (queued, running or succeeded); a failed or
+# canceled one may be followed by another. Builds' ``request_hash`` hashes (point, method).
+LIVE_BUILD_STATES = ("queued", "running", "succeeded")
+LIVE_BUILD = f"kind = 'artifact' AND state IN {LIVE_BUILD_STATES}"
 
 
 def utcnow() -> datetime:
@@ -69,6 +75,8 @@ class Token(Base):
 class Job(Base):
     """One submission and its lifecycle.
 
+    ``kind`` says what it runs: ``compress`` (the pipeline; ``spec`` is the request) or
+    ``artifact`` (a point's packed artifact; ``spec`` holds the method, ``Build`` the point).
     ``lease_owner``/``lease_expires_at`` fence the worker running it: every write a worker
     makes is conditioned on still owning the lease, so a job whose worker was presumed dead
     and retried elsewhere cannot be written twice. ``deadline_at`` bounds its run time.
@@ -80,8 +88,12 @@ class Job(Base):
         CheckConstraint(f"state IN {JOB_STATES}", name="state"),
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_token_created", "token_id", "created_at"),
+        Index("ix_jobs_live_build", "request_hash", unique=True, sqlite_where=text(LIVE_BUILD),
+              postgresql_where=text(LIVE_BUILD)),
     )
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(16), CheckConstraint(f"kind IN {JOB_KINDS}", name="kind"),
+                                      default="compress", server_default="compress")
     token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id"))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
@@ -196,3 +208,22 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Build(Base):
+    """A point's packed-artifact build, run by its own job (kind ``artifact``).
+
+    The job carries the lifecycle (queue, lease, retries, progress, log); this row says what
+    it builds. ``parent_id`` is the succeeded job whose point it is; on success ``artifact_id``
+    names the tar, an ``Artifact`` of that parent job (so it is listed, owned and deleted with it).
+    """
+
+    __tablename__ = "builds"
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    point_id: Mapped[int] = mapped_column(ForeignKey("points.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(16))
+    artifact_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
+
+    job: Mapped[Job] = relationship(foreign_keys=[job_id], lazy="joined")
+    artifact: Mapped[Artifact | None] = relationship(lazy="joined")

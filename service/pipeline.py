@@ -11,19 +11,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant.calibration import calibration_for, evaluation_tokens, shared_documents
-from quant.evaluate import Evaluator
+from quant.calibration import CalibrationSet, calibration_for, calibration_tokens, evaluation_tokens, shared_documents
+from quant.evaluate import Evaluator, MeasuredKL
 from quant.formats import parse_formats
 from quant.hessian import calibration_hessians
 from quant.loading import LoadedModel, LoadPolicy, load_model
 from quant.profile import KVOptions, Profile, ProfileCache
 from quant.progress import ProgressFn, no_progress
 from quant.quantizers import Method
-from quant.units import enumerate_units
-from search import Allocation, Budgets, Front, Problem, front, solve
+from quant.sensitivity import nncf_scores
+from quant.units import UnitSet, enumerate_units
+from search import Allocation, Budgets, Front, Problem, front, get_solver, smallest_within, solve
+from service.baselines import BaselineRequest, named_baseline
+from service.problems import problem_of
 
 EXACT_SOLVERS = ("dp", "ilp")
 BUDGET_KEYS = {"avg_bits": "max_avg_bits", "bytes": "max_bytes", "latency": "max_latency", "error": "max_error"}
+MEASURED = "measured_kl"  # a budget on KL measured by the model itself, not predicted by the profile
 
 
 @dataclass
@@ -32,7 +36,7 @@ class JobSpec:
 
     model: str
     formats: list[str]
-    metric: str = "output_mse"
+    metric: str = "fisher_mse"
     solver: str = "dp"
     method: Method = "rtn"
     budgets: dict[str, float] = field(default_factory=dict)
@@ -45,12 +49,17 @@ class JobSpec:
     device: str = "h100"
     evaluation: str | None = "zoo:evaluation"
     eval_windows: int = 16
+    baseline: str | None = None
+    refine: int = 0
+    fitness_windows: int = 8
 
     def budgets_object(self) -> Budgets:
-        unknown = set(self.budgets) - set(BUDGET_KEYS)
+        unknown = set(self.budgets) - set(BUDGET_KEYS) - {MEASURED}
         if unknown:
-            raise ValueError(f"budgets: unknown keys {sorted(unknown)}; known: {sorted(BUDGET_KEYS)}")
-        return Budgets(**{BUDGET_KEYS[k]: v for k, v in self.budgets.items()})
+            raise ValueError(f"budgets: unknown keys {sorted(unknown)}; known: {sorted(BUDGET_KEYS) + [MEASURED]}")
+        if MEASURED in self.budgets and len(self.budgets) > 1:
+            raise ValueError(f"budgets: {MEASURED} asks for the smallest allocation that meets it; give it alone")
+        return Budgets(**{BUDGET_KEYS[k]: v for k, v in self.budgets.items() if k != MEASURED})
 
 
 @dataclass
@@ -68,13 +77,6 @@ class JobResult:
             "front": self.front.to_dict(), "chosen": None if self.chosen is None else self.chosen.to_dict(),
             "evaluation": self.evaluation, "seconds": self.seconds,
         }
-
-
-def problem_of(profile: Profile) -> Problem:
-    """The search problem a profile poses (every cell allowed by the profile, its tie groups)."""
-    arrays = profile.arrays()
-    return Problem(arrays["error"], arrays["bytes"], arrays["numel"], arrays["unit_names"], arrays["format_names"],
-                   latency=arrays["latency"], allowed=arrays["allowed"], tie_groups=arrays["tie_groups"])
 
 
 def check_disjoint(calibration: str, evaluation: str) -> None:
@@ -116,9 +118,11 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     problem = problem_of(profile)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
-    # An error budget alone asks for the smallest allocation within it, as `bitalloc solve` does.
-    objective = "bytes" if set(spec.budgets) == {"error"} else "error"
-    chosen = solve(problem, budgets, solver=spec.solver, objective=objective) if spec.budgets else None
+    choosing = Choice(spec, model, units, calibration, problem, profile_dir)
+    chosen = choosing.choose(budgets)
+    if chosen is not None and spec.refine:
+        progress(0, 1, "refine")
+        chosen = choosing.refine(chosen)
     progress(1, 1, "solve")
     lap("solve")
 
@@ -139,3 +143,72 @@ def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, he
     windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows)
     result = Evaluator(model, windows).evaluate(allocation.formats, method=spec.method, hessians=hessians)
     return {"windows": windows.describe(), **result.to_dict()}
+
+
+@dataclass
+class Choice:
+    """The solve phase's point at the budget: solved on the profile, a named baseline, the
+    smallest allocation meeting a measured KL, and optionally refined by measurement.
+
+    Measured KL is taken on calibration text at other random offsets than the profile's
+    (``fitness_windows`` windows): never on the evaluation text the result is judged on.
+    """
+
+    spec: JobSpec
+    model: LoadedModel
+    units: UnitSet
+    calibration: CalibrationSet
+    problem: Problem
+    profile_dir: Path
+
+    def choose(self, budgets: Budgets) -> Allocation | None:
+        spec = self.spec
+        if spec.baseline:
+            return self.baseline(budgets)
+        if MEASURED in spec.budgets:
+            fitness = self.fitness()
+            samples = spec.fitness_windows * spec.seq_len
+            return smallest_within(self.problem, spec.budgets[MEASURED], evaluator=lambda a: fitness(a, samples))
+        if not spec.budgets:
+            return None
+        # An error budget alone asks for the smallest allocation within it, as `bitalloc solve` does.
+        objective = "bytes" if set(spec.budgets) == {"error"} else "error"
+        return solve(self.problem, budgets, solver=spec.solver, objective=objective)
+
+    def baseline(self, budgets: Budgets) -> Allocation:
+        request = BaselineRequest.parse(self.spec.baseline or "")
+        unknown = sorted(set(request.formats()) - set(self.problem.format_names))
+        if unknown:
+            raise ValueError(f"baseline {self.spec.baseline!r} names formats {unknown} that are not among the job's formats")
+
+        def trace_problem() -> Problem:
+            profile, _ = ProfileCache(self.profile_dir).get_or_build(
+                self.model, self.units, parse_formats(self.spec.formats), "hessian_trace", self.calibration,
+                method=self.spec.method, kv=self.spec.kv, device=self.spec.device)
+            return problem_of(profile)
+
+        def scores() -> dict[str, float]:
+            return nncf_scores(self.model.module, self.units.weights, batches=self.calibration.batches(4))
+
+        return named_baseline(request, self.problem, self.units.units, budgets.max_avg_bits,
+                              trace_problem=trace_problem, scores=scores)
+
+    def fitness(self) -> MeasuredKL:
+        if not self.model.is_causal_lm:
+            raise ValueError("measured KL (refine, measured_kl budgets) needs a causal language model")
+        spec = self.spec
+        windows = calibration_tokens(self.model.tokenizer, spec.calibration or "zoo:calibration", seq_len=spec.seq_len,
+                                     count=spec.fitness_windows, seed=spec.seed + 1)
+        hessians = None
+        if spec.method == "gptq":
+            hessians = calibration_hessians(self.model.module, self.units, self.calibration)
+        return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method, hessians=hessians)
+
+    def refine(self, start: Allocation) -> Allocation:
+        """EvoPress-style refinement within the start's own size, by KL on growing window counts."""
+        final = self.spec.fitness_windows * self.spec.seq_len
+        schedule = ((self.spec.seq_len, 4), (max(final // 4, self.spec.seq_len + 1), 2), (final, 1))
+        solver = get_solver("refine", evaluator=self.fitness(), start=start, generations=self.spec.refine,
+                            schedule=tuple(sorted(set(schedule))), seed=self.spec.seed)
+        budgets = Budgets(max_bytes=start.bytes, max_latency=start.latency if "latency" in self.spec.budgets else None)
+        return solver.solve(self.problem, budgets)

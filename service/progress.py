@@ -28,9 +28,10 @@ def progress_bar() -> Iterator[ProgressFn]:
 
 # Where each phase of ``run_job`` sits on the 0-100 scale: the profile's metric phases (any
 # name not listed: output_mse, fisher, kl, ...) take the widest band because they dominate.
+# An artifact build has its own phases: load, hessians (GPTQ), quantize, pack.
 PHASE_BANDS: dict[str, tuple[float, float]] = {
     "load": (0.0, 10.0), "hessians": (10.0, 25.0), "kv_kl": (75.0, 85.0), "solve": (85.0, 90.0),
-    "evaluate": (90.0, 100.0),
+    "evaluate": (90.0, 100.0), "quantize": (25.0, 90.0), "pack": (90.0, 100.0),
 }
 METRIC_BAND = (25.0, 75.0)
 

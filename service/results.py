@@ -8,6 +8,7 @@ what remains is an unreferenced blob, never a half-written front.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from pathlib import Path
@@ -16,12 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from quant.export import Export, export_from_profile
+from quant.profile import Profile
 from search import Allocation, Front
 from service import models
 from service.pipeline import JobResult
 from service.storage import BlobStore
 
-CONFIG_VERSION = 1
 NPZ = "application/octet-stream"
 
 
@@ -96,37 +98,45 @@ def _jsonable(info: object) -> dict:
     return json.loads(json.dumps(dict(info), default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def config_document(job: models.Job, point: models.Point, profile: models.Profile) -> dict:
-    """The configuration a runtime or a script loads: unit -> format, what it costs and where it came from."""
+def provenance(job: models.Job, point: models.Point, profile: models.Profile) -> dict:
+    """Where a point's allocation came from, for the exports that carry it (all of it: the JSON file)."""
     allocation = point.allocation
     return {
-        "bitalloc_config": CONFIG_VERSION,
         "job_id": str(job.id), "point_id": point.id, "model": job.spec["model"],
         "profile": {"key": profile.key, "sha256": profile.sha256, "metric": profile.metric, "method": profile.method,
                     "calibration": profile.meta.get("calibration"), "latency_source": profile.meta.get("latency_source")},
-        "budgets": job.spec["budgets"], "chosen_at_budget": point.chosen,
-        "formats": allocation.formats,
-        "totals": {"bytes": allocation.bytes, "avg_bits": allocation.avg_bits, "error": allocation.error,
-                   "latency": allocation.latency, "measured_kl": allocation.measured},
-        "solver": allocation.solver,
+        "budgets": job.spec["budgets"], "chosen_at_budget": point.chosen, "solver": allocation.solver,
+        "totals": {"error": allocation.error, "latency": allocation.latency, "measured_kl": allocation.measured},
     }
 
 
+@functools.lru_cache(maxsize=8)
+def stored_profile(path: Path) -> Profile:
+    """A profile from the blob store, parsed once per process (its path is its sha256: it never changes)."""
+    return Profile.load(path)
+
+
 def config_artifact(session: Session, storage: BlobStore, job: models.Job, point: models.Point,
-                    profile: models.Profile) -> tuple[models.Artifact, bytes]:
-    """The point's JSON configuration as an artifact of the job (stored once per content)."""
-    data = (json.dumps(config_document(job, point, profile), indent=2, sort_keys=True) + "\n").encode()
-    sha256 = storage.put_bytes(data)
+                    profile: models.Profile, export: str = "json") -> tuple[models.Artifact, Export]:
+    """The point's configuration in ``export``'s format, kept as an artifact of the job (once per content).
+
+    Raises ``quant.export.ExportError`` when that format cannot express the allocation.
+    """
+    exported = export_from_profile(export, stored_profile(storage.path(profile.sha256)), point.allocation.formats,
+                                   provenance(job, point, profile))
+    sha256 = storage.put_bytes(exported.data)
+    stem, dot, suffix = exported.filename.rpartition(".")
+    name = f"{stem}-{job.id.hex[:8]}-{point.id}{dot}{suffix}"
     artifact = session.scalar(select(models.Artifact).where(
         models.Artifact.job_id == job.id, models.Artifact.kind == "config", models.Artifact.sha256 == sha256))
     if artifact is None:
-        artifact = models.Artifact(token_id=job.token_id, job_id=job.id, kind="config",
-                                   name=f"bitalloc-config-{job.id.hex[:8]}-{point.id}.json", media_type="application/json",
-                                   sha256=sha256, size=len(data), meta={"point_id": point.id, "format": "json"})
+        artifact = models.Artifact(token_id=job.token_id, job_id=job.id, kind="config", name=name,
+                                   media_type=exported.media_type, sha256=sha256, size=len(exported.data),
+                                   meta={"point_id": point.id, "format": export})
         try:
             with session.begin_nested():
                 session.add(artifact)
         except IntegrityError:  # the same download raced us; the stored one is identical
             artifact = session.scalar(select(models.Artifact).where(
                 models.Artifact.job_id == job.id, models.Artifact.kind == "config", models.Artifact.sha256 == sha256))
-    return artifact, data
+    return artifact, exported

@@ -20,7 +20,10 @@ from quant.formats import get_format
 from quant.metrics import METRICS
 from quant.profile import KVOptions
 from search import SOLVERS
-from service.pipeline import JobSpec
+from service.baselines import BASELINE_SPECS, BaselineRequest
+from service.pipeline import MEASURED, JobSpec
+
+KL_METRICS = ("fisher_mse", "kl")  # metrics whose cells are KL in nats per token
 
 
 def _solvers() -> list[str]:
@@ -54,10 +57,13 @@ class BudgetsIn(Strict):
     avg_bits: float | None = Field(None, gt=0, le=32, description="Max average bits per element (weights, and KV caches when included).")
     bytes: int | None = Field(None, gt=0, description="Max total bytes.")
     latency: float | None = Field(None, gt=0, description="Max predicted decode-step latency, seconds.")
-    kl: float | None = Field(None, ge=0, description="Max predicted KL from the unquantized model; needs metric 'kl'.")
+    kl: float | None = Field(None, ge=0, description="Max predicted KL from the unquantized model; needs a metric in "
+                                                     "KL units (fisher_mse or kl).")
     error: float | None = Field(None, ge=0, description="Max predicted error in the metric's own units.")
+    measured_kl: float | None = Field(None, gt=0, description="Accuracy-target mode: the smallest allocation whose KL, "
+                                      "measured on calibration text, is at most this (bisection over the front). Alone.")
 
-    @field_validator("avg_bits", "latency", "kl", "error")
+    @field_validator("avg_bits", "latency", "kl", "error", "measured_kl")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -68,12 +74,14 @@ class BudgetsIn(Strict):
     def _one_error_budget(self) -> BudgetsIn:
         if self.kl is not None and self.error is not None:
             raise ValueError("give kl or error, not both (both limit the predicted error)")
+        if self.measured_kl is not None and len(self.model_dump(exclude_none=True)) > 1:
+            raise ValueError("measured_kl asks for the smallest allocation that meets it: give it alone")
         return self
 
     def pipeline_budgets(self) -> dict[str, float]:
         """The pipeline's budget keys (a KL budget is the error budget of the ``kl`` metric)."""
         given = {"avg_bits": self.avg_bits, "bytes": self.bytes, "latency": self.latency,
-                 "error": self.kl if self.kl is not None else self.error}
+                 "error": self.kl if self.kl is not None else self.error, MEASURED: self.measured_kl}
         return {k: v for k, v in given.items() if v is not None}
 
 
@@ -102,7 +110,8 @@ class JobCreate(Strict):
     model: Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_text)] = Field(
         description="A local directory or .gguf inside the model roots, a hub id, zoo:NAME or factory:NAME.")
     formats: list[FormatName] = Field(min_length=1, max_length=32, description="Candidate formats, e.g. int4_g128.")
-    metric: str = Field("output_mse", description=f"Sensitivity metric: {', '.join(sorted(METRICS))}.")
+    metric: str = Field("fisher_mse", description=f"Sensitivity metric: {', '.join(sorted(METRICS))}. fisher_mse "
+                        "predicts each cell's KL; output_mse suits modules whose outputs are not logits.")
     solver: str = Field("dp", description=f"Solver for the point at the budget: {', '.join(_solvers())}.")
     method: Literal["rtn", "gptq"] = "rtn"
     budgets: BudgetsIn = Field(default_factory=BudgetsIn)
@@ -111,6 +120,10 @@ class JobCreate(Strict):
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
     device: str = Field("h100", min_length=1, max_length=64, description="Latency target device.")
+    baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
+                                 f"of solving: {', '.join(BASELINE_SPECS)}.")
+    refine: int = Field(0, ge=0, le=500, description="Generations of measured (EvoPress-style) refinement of the "
+                        "chosen point, by KL on calibration text; 0 skips it.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "zoo:llm", "formats": ["int3_g128", "int4_g128", "int8_g128"], "metric": "output_mse",
@@ -147,9 +160,23 @@ class JobCreate(Strict):
     @field_validator("budgets")
     @classmethod
     def _kl_needs_kl_metric(cls, budgets: BudgetsIn, info: ValidationInfo) -> BudgetsIn:
-        if budgets.kl is not None and info.data.get("metric", "kl") != "kl":
-            raise ValueError("a kl budget needs metric 'kl' (budgets.error is in this metric's units)")
+        if budgets.kl is not None and info.data.get("metric", "kl") not in KL_METRICS:
+            raise ValueError(f"a kl budget needs a metric in KL units {KL_METRICS} (budgets.error is in this metric's units)")
         return budgets
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline(cls, baseline: str | None, info: ValidationInfo) -> str | None:
+        if baseline is None:
+            return None
+        request = BaselineRequest.parse(baseline)  # ValueError names the accepted forms
+        missing = sorted(set(request.formats()) - set(info.data.get("formats", [])))
+        if missing:
+            raise ValueError(f"baseline {baseline!r} names formats {missing} that are not among formats")
+        budgets = info.data.get("budgets")
+        if request.needs_target and (budgets is None or budgets.avg_bits is None):
+            raise ValueError(f"baseline {baseline!r} mixes formats up to a target: give budgets.avg_bits")
+        return baseline
 
     def to_spec(self) -> JobSpec:
         """The pipeline's job spec."""
@@ -158,7 +185,8 @@ class JobCreate(Strict):
                        method=self.method, budgets=self.budgets.pipeline_budgets(), points=self.points,
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, device=self.device,
-                       evaluation=self.evaluation.source, eval_windows=self.evaluation.windows)
+                       evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
+                       baseline=self.baseline, refine=self.refine)
 
 
 class Progress(BaseModel):
@@ -250,3 +278,68 @@ class ArtifactOut(BaseModel):
     sha256: str
     size: int
     created_at: datetime
+
+
+class UnitOut(BaseModel):
+    name: str
+    kind: Literal["weight", "kv_key", "kv_value"]
+    block: int | None = Field(description="The transformer block the unit belongs to; null outside blocks (lm_head).")
+    column: str = Field(description="Heatmap column: the shortest name suffix unique in its block, or K cache / V cache.")
+    shape: list[int]
+    numel: int
+
+
+class FormatBits(BaseModel):
+    name: str
+    bits: int = Field(description="Bits per code.")
+    bits_per_weight: float = Field(description="Bits per element with scales and offsets, over this model's weights.")
+
+
+class UnitsOut(BaseModel):
+    units: list[UnitOut]
+    formats: list[FormatBits]
+
+
+class BaselinePoint(BaseModel):
+    name: str = Field(description="What the baseline is, e.g. 'uniform int4_g128'.")
+    kind: str = Field(description="The family it belongs to (uniform, ...), drawn with its own marker.")
+    avg_bits: float
+    bytes: int
+    error: float
+    latency: float | None
+    measured_kl: float | None
+
+
+class BaselinesOut(BaseModel):
+    points: list[BaselinePoint]
+
+
+class BuildCreate(Strict):
+    """How to quantize the point's artifact."""
+
+    method: Literal["rtn", "gptq"] = Field("rtn", description="rtn, or gptq (fits integer units on the job's "
+                                                               "calibration set).")
+
+
+class BuildArtifact(BaseModel):
+    """The built artifact: a tar of the artifact folder; download it from ``/v1/artifacts/{id}``."""
+
+    id: uuid.UUID
+    name: str
+    sha256: str
+    size: int
+
+
+class BuildOut(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID = Field(description="The job whose point is built.")
+    point_id: int
+    method: Literal["rtn", "gptq"]
+    state: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: Progress
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    artifact: BuildArtifact | None = Field(description="Set once the build succeeded.")

@@ -1,4 +1,6 @@
-"""Workers: run claimed jobs through ``service.pipeline.run_job`` and record what happens.
+"""Workers: run claimed jobs and record what happens: a ``compress`` job through
+``service.pipeline.run_job``, an ``artifact`` job (a point's packed artifact) through
+``service.builds.run``.
 
 One attempt holds a lease on its job. A heartbeat thread renews it (and stores progress)
 every ``heartbeat_seconds``; the pipeline's progress callback stops the run when a cancel
@@ -21,16 +23,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from search import SearchError
-from service import jobs, results
+from service import builds, jobs, results
 from service.context import Context
 from service.db import transaction
 from service.models import Job
-from service.pipeline import JobResult, run_job
+from service.pipeline import run_job
 from service.progress import ProgressTracker
 from service.queue import LocalQueue
 from service.schemas import JobCreate
@@ -117,6 +120,19 @@ class Attempt:
             thread.join()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What a run's results left in the database: the job's ``result`` and the log line."""
+
+    result: dict
+    message: str
+    profile_id: int | None = None
+
+
+# A finished run's results, written by this callback inside the transaction of the job's success.
+Store = Callable[[Session], Stored]
+
+
 class Executor:
     """Claims and runs jobs for one worker (a thread or an RQ work horse)."""
 
@@ -140,15 +156,11 @@ class Executor:
             if job is None:
                 return None
             jobs.add_log(session, job.id, f"attempt {job.attempts} of {job.max_attempts} on {self.name}")
-        return self._run_claimed(job.id, owner, job.spec, job.timeout_seconds)
-
-    def _run_claimed(self, job_id: uuid.UUID, owner: str, spec: dict, timeout: float) -> str | None:
-        attempt = Attempt(self.ctx, job_id, owner, timeout, self.stopping)
-        settings = self.ctx.settings
+        attempt = Attempt(self.ctx, job.id, owner, job.timeout_seconds, self.stopping)
+        work = self._build if job.kind == "artifact" else self._compress
         try:
             with attempt.heartbeat():
-                result = run_job(JobCreate.model_validate(spec).to_spec(), profile_dir=settings.profile_dir,
-                                 policy=settings.load_policy(), progress=attempt.progress)
+                store = work(job, attempt)
                 attempt.check()  # a cancel or timeout noticed after the last progress report
         except Stop as stop:
             return self._stopped(attempt, stop)
@@ -157,22 +169,47 @@ class Executor:
         except JOB_ERRORS as exc:
             return self._fail(attempt, str(exc))
         except Exception as exc:  # a bug or the machine (out of memory, ...): the traceback goes to the server log
-            log.exception("job %s failed", job_id)
+            log.exception("job %s failed", job.id)
             return self._fail(attempt, f"internal error: {type(exc).__name__}: {exc}")
-        return self._succeed(attempt, result)
+        return self._succeed(attempt, store)
 
-    def _succeed(self, attempt: Attempt, result: JobResult) -> str | None:
+    def _compress(self, job: Job, attempt: Attempt) -> Store:
+        """Run the pipeline; its front, points and profile are stored with the job's success."""
+        settings = self.ctx.settings
+        result = run_job(JobCreate.model_validate(job.spec).to_spec(), profile_dir=settings.profile_dir,
+                         policy=settings.load_policy(), progress=attempt.progress)
+        profile_path = settings.profile_dir / f"{result.profile.meta['key']}.npz"
+
+        def store(session: Session) -> Stored:
+            profile = results.store_profile(session, self.ctx.storage, profile_path, result)
+            summary = results.store(session, session.get_one(Job, job.id), result, profile)
+            return Stored(summary, f"succeeded: {len(result.front)} front points stored", profile.id)
+
+        return store
+
+    def _build(self, job: Job, attempt: Attempt) -> Store:
+        """Build and store the point's artifact tar; its ``Artifact`` row is written with the success."""
+        with self.ctx.sessions() as session:
+            inputs = builds.inputs(session, job.id)
+        packed = builds.run(inputs, self.ctx.storage, self.ctx.settings.data_dir / "builds",
+                            self.ctx.settings.load_policy(), attempt.progress)
+
+        def store(session: Session) -> Stored:
+            artifact = builds.store(session, job.id, packed)
+            return Stored({"artifact_id": str(artifact.id), "sha256": artifact.sha256, "size": artifact.size},
+                          f"succeeded: artifact {artifact.name} ({artifact.size} bytes, sha256 {artifact.sha256})")
+
+        return store
+
+    def _succeed(self, attempt: Attempt, store: Store) -> str | None:
         attempt.tracker.finish()
-        profile_path = self.ctx.settings.profile_dir / f"{result.profile.meta['key']}.npz"
         try:
             with transaction(self.ctx.sessions) as session:
-                profile = results.store_profile(session, self.ctx.storage, profile_path, result)
-                job = session.get(Job, attempt.job_id)
-                summary = results.store(session, job, result, profile)
+                stored = store(session)
                 if not jobs.finish(session, attempt.job_id, attempt.owner, "succeeded", progress=attempt.tracker.snapshot(),
-                                   result=summary, profile_id=profile.id):
+                                   result=stored.result, profile_id=stored.profile_id):
                     raise _NotOurs()
-                jobs.add_log(session, attempt.job_id, f"succeeded: {len(result.front)} front points stored")
+                jobs.add_log(session, attempt.job_id, stored.message)
         except _NotOurs:
             # Rolled back: canceled meanwhile, or the lease went to another attempt.
             return self._stopped(attempt, Stop("canceled", "canceled by request"))

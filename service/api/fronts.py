@@ -1,14 +1,15 @@
-"""A job's front, its points (allocations) and the configuration of a point."""
+"""A job's front, its points (allocations) and the configuration of a point, in any export format."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from quant.export import ExportError, ExportName, list_exporters
 from service import models, results
 from service.api.deps import ContextDep, TokenDep
 from service.db import transaction
@@ -93,13 +94,23 @@ def read_chosen(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
 
 
 @router.get("/points/{point_id}/config", responses={
-    **RESPONSES, 200: {"content": {"application/json": {}}, "description": "The configuration file."}})
+    **RESPONSES,
+    200: {"content": {e["media_type"]: {} for e in list_exporters()},
+          "description": "The configuration file (Content-Disposition names it; X-Content-SHA256 is its sha256)."},
+    410: {"description": "The job's profile is no longer in storage."},
+    422: {"description": "The format cannot express this allocation; `detail` names each unit and why."}})
 def download_config(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: TokenDep,
-                    format: Annotated[Literal["json"], Query(description="json (runtime exports come later).")] = "json") -> Response:
-    """Download a point's configuration; it is kept as an artifact of the job (by content hash)."""
-    with transaction(ctx.sessions) as session:
-        job, point, profile = load_point(session, token_id, job_id, point_id)
-        artifact, data = results.config_artifact(session, ctx.storage, job, point, profile)
+                    format: Annotated[ExportName, Query(description="An export from GET /v1/exports.")] = "json"
+                    ) -> Response:
+    """Download a point's configuration in a runtime's format; it is kept as an artifact of the job (by content hash)."""
+    try:
+        with transaction(ctx.sessions) as session:
+            job, point, profile = load_point(session, token_id, job_id, point_id)
+            artifact, exported = results.config_artifact(session, ctx.storage, job, point, profile, format)
+    except ExportError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise HTTPException(status.HTTP_410_GONE, "the job's profile is no longer in storage") from exc
     headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"', "X-Content-SHA256": artifact.sha256,
                "X-Artifact-Id": str(artifact.id)}
-    return Response(data, media_type="application/json", headers=headers)
+    return Response(exported.data, media_type=exported.media_type, headers=headers)

@@ -16,6 +16,7 @@ from service.api.deps import ContextDep, TokenDep
 from service.db import transaction
 from service.models import Job, JobLog
 from service.schemas import JobCreate, JobList, JobOut, LogLine, Progress
+from service.context import Context
 from service.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -64,14 +65,19 @@ def submit_job(body: JobCreate, ctx: ContextDep, token_id: TokenDep, response: R
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
         return job
-    try:
-        ctx.queue.enqueue(job.id, 1)
-    except Exception as exc:
-        with transaction(ctx.sessions) as session:
-            jobs.fail_queued(session, job.id, f"could not enqueue: {exc}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the job queue is unavailable: {exc}") from exc
+    enqueue(ctx, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+def enqueue(ctx: Context, job_id: uuid.UUID) -> None:
+    """Put a stored job on the queue; if the queue refuses, fail the job (never left queued) and answer 503."""
+    try:
+        ctx.queue.enqueue(job_id, 1)
+    except Exception as exc:
+        with transaction(ctx.sessions) as session:
+            jobs.fail_queued(session, job_id, f"could not enqueue: {exc}")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the job queue is unavailable: {exc}") from exc
 
 
 @router.get("", response_model=JobList)

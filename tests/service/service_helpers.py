@@ -47,14 +47,16 @@ def bearer(ctx: Context, name: str = "test") -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def wait_until_finished(client: TestClient, headers: dict, job_id: str, timeout: float = 120.0) -> dict:
+def wait_until_finished(client: TestClient, headers: dict, job_id: str, timeout: float = 120.0,
+                        path: str = "jobs") -> dict:
+    """Poll ``/v1/{path}/{job_id}`` (a job, or a build with ``path="builds"``) until it finishes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        job = client.get(f"/v1/{path}/{job_id}", headers=headers).json()
         if job["state"] in FINISHED:
             return job
         time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job}")
+    raise AssertionError(f"{path} {job_id} did not finish in {timeout} s: {job}")
 
 
 @contextmanager

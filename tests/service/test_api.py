@@ -72,7 +72,7 @@ def test_the_reason_is_in_words(api):
     detail = client.post("/v1/jobs", json=job_body(formats=["int7_g32"]), headers=headers).json()["detail"]
     assert "integer widths are" in detail[0]["msg"]
     detail = client.post("/v1/jobs", json=job_body(budgets={"kl": 0.1}), headers=headers).json()["detail"]
-    assert "metric 'kl'" in detail[0]["msg"]
+    assert "a metric in KL units" in detail[0]["msg"]
 
 
 def test_bad_query_path_header_and_json_are_422s(api):

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from quant.profile import Profile
 from search import Budgets, front, solve
 from service import models, worker
-from service.pipeline import problem_of
+from service.problems import problem_of
 
 from service_helpers import bearer, job_body, metric, running_app, wait_until_finished
 

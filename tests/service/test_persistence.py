@@ -1,4 +1,4 @@
-"""Migrations on both databases, the token and db commands, the artifact store, progress records."""
+"""Migrations on both databases (and the data they keep), the token and db commands, the artifact store, progress records."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import DateTime, Uuid, column, create_engine, insert, inspect, select, table, text
+from sqlalchemy.sql.expression import ColumnClause, TableClause
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -21,7 +23,8 @@ from service.storage import BlobStore
 
 from service_helpers import job_body, running_app
 
-TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "alembic_version"}
+TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "builds",
+          "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -44,7 +47,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
 def test_migrations_run_up_down_and_up_again(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     assert TABLES <= set(inspect(engine).get_table_names())
     upgrade(engine)  # again: a no-op, as at every start
     with engine.begin() as connection:
@@ -53,7 +56,44 @@ def test_migrations_run_up_down_and_up_again(empty_database):
         command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
+    engine.dispose()
+
+
+def jobs_table(*more: ColumnClause) -> TableClause:
+    """The jobs table as 0001 made it (plus ``more``), to write rows whatever the models say now."""
+    return table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), *more,
+                 *(column(name) for name in ("token_id", "request_hash", "state", "spec", "progress", "attempts",
+                                             "max_attempts", "timeout_seconds", "cancel_requested")))
+
+
+def test_builds_migration_keeps_every_job_as_a_compression_job_and_its_downgrade_only_drops_builds(empty_database):
+    engine = make_engine(empty_database)
+    upgrade(engine, "0001")
+    jobs = jobs_table()
+    logs = table("job_logs", column("job_id", Uuid), column("at", DateTime(timezone=True)), column("level"),
+                 column("message"))
+    row = {"token_id": 1, "state": "succeeded", "spec": "{}", "progress": "{}", "attempts": 1, "max_attempts": 3,
+           "timeout_seconds": 60.0, "cancel_requested": False, "created_at": datetime.now(UTC)}
+    compress, build = uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tokens (id, name, token_hash, prefix, created_at) "
+                                "VALUES (1, 't', 'h', 'p', CURRENT_TIMESTAMP)"))
+        connection.execute(insert(jobs).values(id=compress, request_hash="a", **row))
+        connection.execute(insert(logs).values(job_id=compress, at=datetime.now(UTC), level="info", message="kept"))
+    upgrade(engine)
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT kind FROM jobs")).scalars().all() == ["compress"]
+        connection.execute(insert(jobs_table(column("kind"))).values(id=build, request_hash="b", kind="artifact", **row))
+        connection.execute(insert(logs).values(job_id=build, at=datetime.now(UTC), level="info", message="dropped"))
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    assert current_revision(engine) == "0001" and "builds" not in inspect(engine).get_table_names()
+    assert "kind" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    with engine.connect() as connection:
+        assert connection.execute(select(jobs.c.id)).scalars().all() == [compress]
+        assert connection.execute(select(logs.c.message)).scalars().all() == ["kept"]
     engine.dispose()
 
 
@@ -63,7 +103,7 @@ def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, m
     try:
         runner = CliRunner()
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "revision 0001" in upgraded.output
+        assert upgraded.exit_code == 0 and "revision 0002" in upgraded.output
         created = runner.invoke(app, ["token", "create", "--name", "ci"])
         assert created.exit_code == 0, created.output
         secret = created.stdout.strip().splitlines()[-1]

@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 from quant.profile import Profile
 from search import InfeasibleBudget, solve
 from service.cli import app
-from service.pipeline import JobSpec, problem_of, run_job
+from service.pipeline import JobSpec, run_job
+from service.problems import problem_of
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 
@@ -64,7 +65,16 @@ def test_cli_profile_solve_front_and_run(tmp_path, zoo, monkeypatch):
                                "--samples", "4", "--seq-len", "32", "--eval-windows", "2", "--points", "6", "--out", str(out)])
     assert done.exit_code == 0, done.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["chosen"]["avg_bits"] <= 5 and Profile.load(out / "profile.npz").meta["metric"] == "output_mse"
+    assert summary["chosen"]["avg_bits"] <= 5 and Profile.load(out / "profile.npz").meta["metric"] == "fisher_mse"
+    baseline = tmp_path / "baseline"
+    done = runner.invoke(app, ["run", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS), "--samples", "4",
+                               "--seq-len", "32", "--eval-windows", "2", "--points", "6", "--baseline",
+                               "llama.cpp:Q4_K_M", "--out", str(baseline)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((baseline / "allocation.json").read_text())["solver"].startswith("llamacpp")
+    done = runner.invoke(app, ["run", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS), "--baseline",
+                               "hawq_v3", "--samples", "4", "--seq-len", "32", "--out", str(baseline)])
+    assert done.exit_code == 1 and "avg_bits budget" in done.output
     get_settings.cache_clear()
 
 

@@ -1,0 +1,11 @@
+"""The ``bitalloc`` command line: one module per command group, gathered on ``app``."""
+
+from __future__ import annotations
+
+import typer
+
+from service.cli import artifact, export, pipeline, server, tokens, zoo
+
+app = typer.Typer(help="bitalloc: mixed-precision bit allocation search.", no_args_is_help=True, add_completion=False)
+for group in (zoo, pipeline, server, tokens, artifact, export):
+    group.register(app)

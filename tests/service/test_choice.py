@@ -1,0 +1,67 @@
+"""The solve phase's other ways to pick the point: a named baseline, a measured KL target,
+measured refinement; and their validation at the API's edge."""
+
+import pytest
+from pydantic import ValidationError
+
+from search import baselines
+from service.baselines import model_info, unit_infos
+from service.pipeline import JobSpec, run_job
+from service.problems import problem_of
+from service.schemas import JobCreate
+
+FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
+
+
+def spec(**overrides) -> JobSpec:
+    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets={"avg_bits": 5.0}, points=6,
+                seq_len=32, samples=4, eval_windows=2, fitness_windows=2)
+    return JobSpec(**{**base, **overrides})
+
+
+def test_a_named_baseline_is_the_chosen_point(tmp_path, zoo):
+    result = run_job(spec(baseline="llama.cpp:Q4_K_M", budgets={}), profile_dir=tmp_path)
+    problem = problem_of(result.profile)
+    units = result.profile.units
+    expected = baselines.llamacpp(problem, unit_infos(units), "Q4_K_M", model_info(units))
+    assert result.chosen.formats == expected.formats and result.chosen.solver == expected.solver
+    assert result.evaluation is not None and result.evaluation["kl"] >= 0
+
+    mixed = run_job(spec(baseline="layers:int2_g32/int8_g32", budgets={"avg_bits": 6.0}), profile_dir=tmp_path)
+    assert mixed.chosen.avg_bits <= 6.0
+    assert set(mixed.chosen.formats.values()) == {"int2_g32", "int8_g32"}
+
+
+def test_hawq_and_nncf_baselines_meet_their_target(tmp_path, zoo):
+    for name in ("hawq_v3", "nncf:int2_g32/int8_g32"):
+        result = run_job(spec(baseline=name, budgets={"avg_bits": 4.5}, evaluation=None), profile_dir=tmp_path)
+        assert result.chosen.avg_bits <= 4.5
+        assert len(set(result.chosen.formats.values())) >= 2, name
+
+
+def test_measured_kl_budget_returns_an_allocation_that_meets_it_by_measurement(tmp_path, zoo):
+    loose = run_job(spec(budgets={"measured_kl": 1e-3}, evaluation=None), profile_dir=tmp_path)
+    assert loose.chosen.measured is not None and loose.chosen.measured <= 1e-3
+    cheaper = run_job(spec(budgets={"measured_kl": 10.0}, evaluation=None), profile_dir=tmp_path)
+    assert cheaper.chosen.bytes <= loose.chosen.bytes
+
+
+def test_refinement_is_never_worse_than_its_start_by_its_own_measure(tmp_path, zoo):
+    result = run_job(spec(refine=3, evaluation=None), profile_dir=tmp_path)
+    assert result.chosen.solver == "refine"
+    assert result.chosen.measured <= result.chosen.info["start_measured"]
+    assert result.chosen.avg_bits <= 5.0
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"baseline": "llama.cpp:Q9_K"}, "unknown llama.cpp type"),
+    ({"baseline": "layers:int4_g32"}, "LOW/HIGH"),
+    ({"baseline": "uniform:int6_g32"}, "not among formats"),
+    ({"baseline": "hawq_v3"}, "give budgets.avg_bits"),
+    ({"baseline": "magic"}, "expected one of"),
+    ({"budgets": {"measured_kl": 0.1, "avg_bits": 4}}, "give it alone"),
+    ({"budgets": {"kl": 0.1}, "metric": "output_mse"}, "KL units"),
+])
+def test_bad_choices_are_refused_naming_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        JobCreate(model="factory:tiny-llama", formats=["int4_g32", "int8_g32"], **fields)
