@@ -22,6 +22,7 @@ from quant.quantizers import Method
 from quant.sensitivity import nncf_scores
 from quant.units import UnitSet, enumerate_units
 from search import Allocation, Budgets, Front, Problem, front, get_solver, smallest_within, solve
+from search.solvers.refine import staged_schedule
 from service.baselines import BaselineRequest, named_baseline
 from service.problems import problem_of
 
@@ -206,9 +207,8 @@ class Choice:
 
     def refine(self, start: Allocation) -> Allocation:
         """EvoPress-style refinement within the start's own size, by KL on growing window counts."""
-        final = self.spec.fitness_windows * self.spec.seq_len
-        schedule = ((self.spec.seq_len, 4), (max(final // 4, self.spec.seq_len + 1), 2), (final, 1))
+        schedule = staged_schedule(self.spec.seq_len, self.spec.fitness_windows * self.spec.seq_len)
         solver = get_solver("refine", evaluator=self.fitness(), start=start, generations=self.spec.refine,
-                            schedule=tuple(sorted(set(schedule))), seed=self.spec.seed)
+                            schedule=schedule, seed=self.spec.seed)
         budgets = Budgets(max_bytes=start.bytes, max_latency=start.latency if "latency" in self.spec.budgets else None)
         return solver.solve(self.problem, budgets)

@@ -153,6 +153,21 @@ class _Evolution:
         return replace(self.allocation(parent), info=info).with_measured(self.measure(parent, final_samples))
 
 
+def staged_schedule(smallest: int, final: int) -> tuple[tuple[int, int], ...]:
+    """A valid ``schedule`` from a cheapest screening size to the final one: screen at
+    ``smallest`` keeping 4, measure a quarter of ``final`` keeping 2 where that lies
+    strictly between, decide at ``final``. Sizes that coincide collapse to one stage."""
+    stages = [(smallest, 4), (final // 4, 2), (final, 1)]
+    kept: list[tuple[int, int]] = []
+    for samples, keep in stages:
+        if (samples >= final and keep != 1) or samples < min(smallest, final):
+            continue
+        if kept and samples <= kept[-1][0]:
+            continue
+        kept.append((samples, keep))
+    return tuple(kept)
+
+
 def refine_front(problem: Problem, front: Front, evaluator: SampledEvaluator, **options: object) -> Front:
     """Refine every point of a front within its own size (and latency), then
     keep the points that are not dominated by measurement.

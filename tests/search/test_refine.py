@@ -69,3 +69,14 @@ def test_refine_front_with_no_generations_measures_and_reranks() -> None:
 def test_refine_rejects_a_schedule_that_does_not_narrow_to_one(schedule) -> None:
     with pytest.raises(ValueError, match="schedule"):
         solve(small_model(), Budgets(), solver="refine", evaluator=lambda a, n: 0.0, schedule=schedule)
+
+
+@given(smallest=st.integers(1, 5000), final=st.integers(1, 20000))
+def test_staged_schedule_is_always_a_valid_schedule_ending_at_the_final_size(smallest, final) -> None:
+    from search.solvers.refine import RefineSolver, staged_schedule
+
+    schedule = staged_schedule(smallest, final)
+    RefineSolver(lambda _a, _n: 0.0, schedule=schedule)  # raises on an invalid schedule
+    assert schedule[-1] == (final, 1)
+    assert all(samples >= min(smallest, final) for samples, _ in schedule)
+    assert staged_schedule(512, 4096) == ((512, 4), (1024, 2), (4096, 1))
