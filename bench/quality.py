@@ -406,12 +406,17 @@ def plot(points: list[Point], path: Path) -> None:
 
     quantizers = sorted({p.quantizer for p in points}, key=["rtn", "gptq"].index)
     fig, axes = plt.subplots(1, len(quantizers), figsize=(8 * len(quantizers), 6), squeeze=False)
+    families = sorted({p.family for p in points})
+    colours = {family: plt.cm.tab20(i % 20) for i, family in enumerate(families)} | {HEADLINE: "black"}
     for ax, quantizer in zip(axes[0], quantizers):
-        families = sorted({p.family for p in points if p.quantizer == quantizer})
         for family in families:
             mine = sorted((p for p in points if p.quantizer == quantizer and p.family == family), key=lambda p: p.avg_bits)
-            style = "-" if family.startswith("bitalloc") else "--" if family in ("uniform", "two-width by layers") else ":"
-            ax.plot([p.avg_bits for p in mine], [max(p.kl, 1e-5) for p in mine], style, marker="o", markersize=3,
+            if not mine:
+                continue
+            # Uniform points of different group sizes are not one curve: markers only.
+            style = "none" if family == "uniform" else "-" if family.startswith("bitalloc") else ":"
+            ax.plot([p.avg_bits for p in mine], [max(p.kl, 1e-5) for p in mine], linestyle=style, marker="o",
+                    markersize=5 if family == "uniform" else 3, color=colours[family],
                     linewidth=2.5 if family == HEADLINE else 1.2, label=family)
         ax.set_yscale("log")
         ax.set_xlabel("average bits per weight")
@@ -476,6 +481,7 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=6)
     parser.add_argument("--weight-cache-gb", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few windows, two targets, RTN, no extras")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out file")
     parser.add_argument("--resume", action="store_true", help="reuse the points checkpointed by an interrupted run")
     parser.add_argument("--append", action="store_true",
                         help="keep the other quantizers' points and the extra parts of an existing --out file")
@@ -489,6 +495,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
     out = Path(args.out)
+    if args.plot_only:
+        plot([Point(**p) for p in json.loads(out.read_text())["points"]], out.with_suffix(".png"))
+        return
     earlier = json.loads(out.read_text()) if args.append and out.exists() else None
     args.kv_contexts = [int(x) for x in floats(args.kv_contexts)]
     targets = floats(args.targets)
@@ -514,7 +523,7 @@ def main() -> None:
         kept = [Point(**p) for p in earlier["points"] if p["quantizer"] not in args.quantizers.split(",")]
         bench.points[:0] = kept
         refine, kv, target = refine or earlier["refine"], kv or earlier["kv"], target or earlier["target"]
-        phases = {**earlier["seconds"], **phases}
+        phases = {**{k: v for k, v in earlier["seconds"].items() if k != "this run"}, **phases}
     quantizers = sorted({p.quantizer for p in bench.points}, key=["rtn", "gptq"].index)
     result = {
         "model": "zoo:llm (SmolLM2-135M)", "machine": platform.processor() or platform.machine(),
@@ -524,13 +533,13 @@ def main() -> None:
         "reference_perplexity": reference.reference_perplexity, "options": {k: v for k, v in vars(args).items() if k != "out"},
         "points": [asdict(p) for p in bench.points], "goal": goal_rows(bench, tuple(floats(args.band))),
         "refine": refine, "kv": kv, "target": target,
-        "seconds": {"total": round(time.perf_counter() - started, 1), **phases},
+        "seconds": {**phases, "this run": round(time.perf_counter() - started, 1)},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(bench.points, out.with_suffix(".png"))
     print_tables(result)
-    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['seconds']['total']} s")
+    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['seconds']['this run']} s")
 
 
 if __name__ == "__main__":
