@@ -7,6 +7,7 @@ budget) -> evaluate the chosen point. ``bitalloc run`` and the workers call the 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +131,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     evaluation = None
     if chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
-        hessians = None
-        if spec.method == "gptq":
-            hessians = calibration_hessians(model.module, units, calibration)
-        evaluation = evaluate_point(model, chosen, spec, hessians)
+        evaluation = evaluate_point(model, chosen, spec, choosing.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
     return JobResult(profile, cached, sweep, chosen, evaluation, seconds)
@@ -161,6 +159,13 @@ class Choice:
     calibration: CalibrationSet
     problem: Problem
     profile_dir: Path
+
+    @functools.cached_property
+    def hessians(self) -> dict | None:
+        """GPTQ's calibration Hessians, collected once for measurement and evaluation alike."""
+        if self.spec.method != "gptq":
+            return None
+        return calibration_hessians(self.model.module, self.units, self.calibration)
 
     def choose(self, budgets: Budgets) -> Allocation | None:
         spec = self.spec
@@ -200,10 +205,8 @@ class Choice:
         spec = self.spec
         windows = calibration_tokens(self.model.tokenizer, spec.calibration or "zoo:calibration", seq_len=spec.seq_len,
                                      count=spec.fitness_windows, seed=spec.seed + 1)
-        hessians = None
-        if spec.method == "gptq":
-            hessians = calibration_hessians(self.model.module, self.units, self.calibration)
-        return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method, hessians=hessians)
+        return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
+                          hessians=self.hessians)
 
     def refine(self, start: Allocation) -> Allocation:
         """EvoPress-style refinement within the start's own size, by KL on growing window counts."""

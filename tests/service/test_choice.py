@@ -65,3 +65,10 @@ def test_refinement_is_never_worse_than_its_start_by_its_own_measure(tmp_path, z
 def test_bad_choices_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValidationError, match=message):
         JobCreate(model="factory:tiny-llama", formats=["int4_g32", "int8_g32"], **fields)
+
+
+def test_gptq_jobs_refine_and_evaluate_with_the_same_quantizer(tmp_path, zoo):
+    result = run_job(spec(method="gptq", refine=1), profile_dir=tmp_path)
+    assert result.profile.meta["method"] == "gptq"
+    assert result.chosen.measured <= result.chosen.info["start_measured"]
+    assert result.evaluation is not None and result.evaluation["kl"] > 0
