@@ -54,6 +54,7 @@ class JobSpec:
     baseline: str | None = None
     refine: int = 0
     fitness_windows: int = 8
+    ties: bool = True
 
     def budgets_object(self) -> Budgets:
         unknown = set(self.budgets) - set(BUDGET_KEYS) - {MEASURED}
@@ -117,7 +118,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         device=spec.device, progress=progress)
     lap("profile")
 
-    problem = problem_of(profile)
+    problem = problem_of(profile, ties=spec.ties)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
     choosing = Choice(spec, model, units, calibration, problem, profile_dir)

@@ -122,6 +122,8 @@ class JobCreate(Strict):
     device: str = Field("h100", min_length=1, max_length=64, description="Latency target device.")
     baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
                                  f"of solving: {', '.join(BASELINE_SPECS)}.")
+    ties: bool = Field(True, description="Keep each tie group (fused q/k/v, gate/up) in one format, as vLLM needs; "
+                       "false for runtimes that store them apart, such as llama.cpp.")
     refine: int = Field(0, ge=0, le=500, description="Generations of measured (EvoPress-style) refinement of the "
                         "chosen point, by KL on calibration text; 0 skips it.")
 
@@ -186,7 +188,7 @@ class JobCreate(Strict):
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, device=self.device,
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
-                       baseline=self.baseline, refine=self.refine)
+                       baseline=self.baseline, refine=self.refine, ties=self.ties)
 
 
 class Progress(BaseModel):

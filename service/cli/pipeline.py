@@ -25,6 +25,8 @@ def run(
     baseline: str | None = typer.Option(None, help="Pick the point by a published rule instead: uniform:FORMAT, "
                                                    "layers:LOW/HIGH, llama.cpp:FTYPE, llama.cpp-plain:FTYPE, hawq_v3, nncf:LOW/HIGH."),
     refine: int = typer.Option(0, help="Generations of measured refinement of the chosen point (0: none)."),
+    untie: bool = typer.Option(False, help="Let fused units (q/k/v, gate/up) take different formats: for runtimes "
+                                           "that store them apart (llama.cpp), not for vLLM."),
     kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
     points: int = typer.Option(32, help="Points on the front sweep."),
@@ -48,7 +50,7 @@ def run(
         limits[MEASURED] = measured_kl
     spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver, method=method,  # type: ignore[arg-type]
                    budgets=limits, points=points, calibration=calibration, samples=samples, seq_len=seq_len,
-                   eval_windows=eval_windows, baseline=baseline, refine=refine,
+                   eval_windows=eval_windows, baseline=baseline, refine=refine, ties=not untie,
                    kv=None if kv_context is None else KVOptions(kv_context, kv_batch))
     try:
         with progress_bar() as progress:

@@ -72,3 +72,11 @@ def test_gptq_jobs_refine_and_evaluate_with_the_same_quantizer(tmp_path, zoo):
     assert result.profile.meta["method"] == "gptq"
     assert result.chosen.measured <= result.chosen.info["start_measured"]
     assert result.evaluation is not None and result.evaluation["kl"] > 0
+
+
+def test_untied_jobs_drop_the_tie_groups_and_never_predict_worse(tmp_path, zoo):
+    tied = run_job(spec(evaluation=None), profile_dir=tmp_path)
+    untied = run_job(spec(evaluation=None, ties=False), profile_dir=tmp_path)
+    assert tied.profile.tie_groups and untied.chosen.avg_bits <= 5.0
+    assert untied.chosen.error <= tied.chosen.error + 1e-12  # a relaxation of the same problem
+    assert JobCreate(model="factory:tiny-llama", formats=["int4_g32"], ties=False).to_spec().ties is False
