@@ -18,23 +18,11 @@ from quant.formats import get_format
 from quant.profile import KVOptions
 from quant.units import Unit
 
+from export_helpers import tied_allocation
+
 VLLM_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 # SmolLM2's rows are 576 or 1536 long: these groups divide both.
 CYCLE = ["int4_g64", "int8_pc", "fp8_e4m3", "int3_g32", "bf16"]
-
-
-def mixed_allocation(units) -> dict[str, str]:
-    """A format per tie group and per lone unit, cycling through CYCLE; KV caches 16-bit."""
-    formats, step = {}, 0
-    for group in units.tie_groups:
-        for name in group:
-            formats[name] = CYCLE[step % len(CYCLE)]
-        step += 1
-    for unit in units.units:
-        if unit.name not in formats:
-            formats[unit.name] = "bf16" if unit.kind != "weight" else CYCLE[step % len(CYCLE)]
-            step += unit.kind == "weight"
-    return formats
 
 
 def parse(exported) -> QuantizationConfig:
@@ -47,7 +35,7 @@ def groups_matching(config: QuantizationConfig, name: str, fused=None) -> list[s
 
 
 def test_smollm2_allocation_round_trips_through_the_real_parser(smollm2_units):
-    formats = mixed_allocation(smollm2_units)
+    formats = tied_allocation(smollm2_units, CYCLE)
     exported = export_allocation("compressed-tensors", formats, smollm2_units.units, smollm2_units.tie_groups,
                                  {}, kv=KVOptions())
     assert exported.filename == "quantization_config.json"
@@ -70,7 +58,7 @@ def test_smollm2_allocation_round_trips_through_the_real_parser(smollm2_units):
 
 
 def test_vllm_fused_layers_find_exactly_the_group_of_their_tie_group(smollm2_units):
-    formats = mixed_allocation(smollm2_units)
+    formats = tied_allocation(smollm2_units, CYCLE)
     config = parse(export_allocation("compressed-tensors", formats, smollm2_units.units, smollm2_units.tie_groups,
                                      {}, kv=KVOptions()))
     checked = 0

@@ -12,6 +12,8 @@ from quant.formats import get_format
 from quant.profile import KVOptions
 from quant.units import Unit
 
+from export_helpers import tied_allocation
+
 
 def dynamic_override(config: dict, module: str) -> dict | bool | None:
     """How GPTQModel (``QuantizeConfig.dynamic_get``) and vLLM (``get_dynamic_override``) read ``dynamic``:
@@ -35,18 +37,6 @@ def resolved(config: dict, module: str) -> tuple[int, int] | None:
 def expected(format_name: str) -> tuple[int, int] | None:
     fmt = get_format(format_name)
     return None if fmt.is_keep else (fmt.bits, -1 if fmt.group_size is None else fmt.group_size)
-
-
-def tied_allocation(units, cycle) -> dict[str, str]:
-    formats, step = {}, 0
-    for group in units.tie_groups:
-        formats.update({name: cycle[step % len(cycle)] for name in group})
-        step += 1
-    for unit in units.units:
-        if unit.name not in formats:
-            formats[unit.name] = "bf16" if unit.kind != "weight" else cycle[step % len(cycle)]
-            step += unit.kind == "weight"
-    return formats
 
 
 def test_every_smollm2_module_and_every_vllm_fused_layer_resolves_to_its_allocation(smollm2_units):
