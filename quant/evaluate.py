@@ -44,7 +44,8 @@ class Evaluation:
         return asdict(self)
 
 
-def _logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def model_logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits (float32) for a batch of token windows, without a KV cache."""
     output = module(batch, use_cache=False) if hasattr(module, "config") else module(batch)
     return (output.logits if hasattr(output, "logits") else output).float()
 
@@ -72,19 +73,25 @@ def applied(
                 continue
             if name not in modules:
                 raise KeyError(f"allocation names unit {name!r}, which the model does not have")
-            w = weight_matrix(modules[name]).detach()
             saved[name] = modules[name].weight.detach().clone()
-            hessian = hessians.get(name) if hessians else None
-
-            def quantize() -> torch.Tensor:
-                return simulate(w.float(), get_format(format_name), method, hessian)  # noqa: B023 (called at once)
-
-            set_weight_matrix(modules[name], quantize() if cache is None else cache.get((name, format_name, method), quantize))
+            weight = weight_matrix(modules[name]).detach()
+            set_weight_matrix(modules[name], simulated(weight, name, format_name, method, hessians, cache))
         yield
     finally:
         with torch.no_grad():
             for name, original in saved.items():
                 modules[name].weight.copy_(original)
+
+
+def simulated(weight: torch.Tensor, name: str, format_name: str, method: Method,
+              hessians: Mapping[str, torch.Tensor] | None, cache: QuantizedWeights | None) -> torch.Tensor:
+    """Unit ``name``'s 16-bit weight matrix as ``format_name`` stores it, from ``cache`` when it holds it."""
+
+    def quantize() -> torch.Tensor:
+        hessian = hessians.get(name) if hessians else None
+        return simulate(weight.float(), get_format(format_name), method, hessian)
+
+    return quantize() if cache is None else cache.get((name, format_name, method), quantize)
 
 
 class QuantizedWeights:
@@ -126,12 +133,13 @@ class Evaluator:
         self._cache_left = cache_bytes
         self.weights = QuantizedWeights(weight_cache_bytes) if weight_cache_bytes else None
 
-    def _reference_log_probs(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+    def reference_log_probs(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """The 16-bit model's next-token log-probabilities for batch ``index`` of the windows (cached)."""
         key = (index, len(batch))  # a smaller max_windows makes a shorter last batch
         if key in self._cache:
             return self._cache[key]
         with torch.no_grad():
-            log_probs = torch.log_softmax(_logits(self.reference, batch)[:, :-1], dim=-1)
+            log_probs = torch.log_softmax(model_logits(self.reference, batch)[:, :-1], dim=-1)
         size = log_probs.numel() * log_probs.element_size()
         if size <= self._cache_left:
             self._cache[key] = log_probs
@@ -146,8 +154,8 @@ class Evaluator:
         count = 0
         with torch.no_grad():
             for index, batch in enumerate(inputs.split(self.batch_size)):
-                reference = self._reference_log_probs(index, batch)
-                log_probs = torch.log_softmax(_logits(self.model.module, batch)[:, :-1], dim=-1)
+                reference = self.reference_log_probs(index, batch)
+                log_probs = torch.log_softmax(model_logits(self.model.module, batch)[:, :-1], dim=-1)
                 targets = batch[:, 1:].unsqueeze(-1)
                 nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
                 reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))

@@ -82,10 +82,14 @@ def is_quantizable(module: nn.Module) -> bool:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The module's weight as ``[N, K]``: outputs by inputs (Conv kernels flattened into K)."""
-    w = module.weight
+    return as_matrix(module, module.weight)
+
+
+def as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the module's weight (the weight, its gradient) as ``[N, K]``."""
     if is_transposed_conv1d(module):
-        return w.t()
-    return w.reshape(w.shape[0], -1)
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
 
 
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from quant.calibration import CalibrationSet, calibration_for, calibration_token
 from quant.evaluate import Evaluator, MeasuredKL
 from quant.formats import parse_formats
 from quant.hessian import calibration_hessians
+from quant.linearize import KLGradient
 from quant.loading import LoadedModel, LoadPolicy, load_model
 from quant.profile import KVOptions, Profile, ProfileCache
 from quant.progress import ProgressFn, no_progress
@@ -30,6 +31,7 @@ from service.problems import problem_of
 EXACT_SOLVERS = ("dp", "ilp")
 BUDGET_KEYS = {"avg_bits": "max_avg_bits", "bytes": "max_bytes", "latency": "max_latency", "error": "max_error"}
 MEASURED = "measured_kl"  # a budget on KL measured by the model itself, not predicted by the profile
+KL_METRICS = ("fisher_mse", "kl")  # metrics whose cells are KL in nats per token
 
 
 @dataclass
@@ -53,7 +55,9 @@ class JobSpec:
     eval_windows: int = 16
     baseline: str | None = None
     refine: int = 0
+    descend: int = 0
     fitness_windows: int = 8
+    gradient_windows: int = 8
     ties: bool = True
 
     def budgets_object(self) -> Budgets:
@@ -123,6 +127,9 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
     choosing = Choice(spec, model, units, calibration, problem, profile_dir)
     chosen = choosing.choose(budgets)
+    if chosen is not None and spec.descend:
+        progress(0, 1, "descend")
+        chosen = choosing.descend(chosen)
     if chosen is not None and spec.refine:
         progress(0, 1, "refine")
         chosen = choosing.refine(chosen)
@@ -148,10 +155,14 @@ def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, he
 @dataclass
 class Choice:
     """The solve phase's point at the budget: solved on the profile, a named baseline, the
-    smallest allocation meeting a measured KL, and optionally refined by measurement.
+    smallest allocation meeting a measured KL, and optionally improved by measurement
+    (descent steps, then evolutionary refinement).
 
     Measured KL is taken on calibration text at other random offsets than the profile's
     (``fitness_windows`` windows): never on the evaluation text the result is judged on.
+    Descent's gradients come from the first ``gradient_windows`` of the profile's own
+    calibration windows, so the steps it proposes and the measurement that accepts them
+    see different text.
     """
 
     spec: JobSpec
@@ -173,7 +184,7 @@ class Choice:
         if spec.baseline:
             return self.baseline(budgets)
         if MEASURED in spec.budgets:
-            fitness = self.fitness()
+            fitness = self.fitness
             samples = spec.fitness_windows * spec.seq_len
             return smallest_within(self.problem, spec.budgets[MEASURED], evaluator=lambda a: fitness(a, samples))
         if not spec.budgets:
@@ -200,19 +211,42 @@ class Choice:
         return named_baseline(request, self.problem, self.units.units, budgets.max_avg_bits,
                               trace_problem=trace_problem, scores=scores)
 
+    @functools.cached_property
     def fitness(self) -> MeasuredKL:
         if not self.model.is_causal_lm:
-            raise ValueError("measured KL (refine, measured_kl budgets) needs a causal language model")
+            raise ValueError("measured KL (descend, refine, measured_kl budgets) needs a causal language model")
         spec = self.spec
         windows = calibration_tokens(self.model.tokenizer, spec.calibration or "zoo:calibration", seq_len=spec.seq_len,
                                      count=spec.fitness_windows, seed=spec.seed + 1)
         return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
                           hessians=self.hessians)
 
+    def within(self, start: Allocation) -> Budgets:
+        """The start's own size (and latency, where the job bounds it): what measured search keeps to."""
+        return Budgets(max_bytes=start.bytes, max_latency=start.latency if "latency" in self.spec.budgets else None)
+
+    def descend(self, start: Allocation) -> Allocation:
+        """Proximal descent steps within the start's own size: each step solves the KL's
+        local model (its gradient at the current point) exactly and is kept only if it
+        measures better."""
+        if self.spec.metric not in KL_METRICS:
+            raise ValueError(f"descend: the steps weigh KL gradients against the profile's error, so the metric must "
+                             f"be in KL units {KL_METRICS}, not {self.spec.metric!r}")
+        fitness = self.fitness
+        windows = self.calibration.inputs[: self.spec.gradient_windows].contiguous()
+        subset = CalibrationSet(windows, self.calibration.source, self.calibration.sha256)
+        evaluator = Evaluator(self.model, subset, batch_size=2)
+        evaluator.weights = fitness.evaluator.weights  # one cache of quantized cells for both
+        problem = self.problem
+        linear = KLGradient(evaluator, problem.unit_names, problem.format_names, problem.allowed,
+                            method=self.spec.method, hessians=self.hessians)
+        solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=start,
+                            samples=self.spec.fitness_windows * self.spec.seq_len, iterations=self.spec.descend)
+        return solver.solve(problem, self.within(start))
+
     def refine(self, start: Allocation) -> Allocation:
         """EvoPress-style refinement within the start's own size, by KL on growing window counts."""
         schedule = staged_schedule(self.spec.seq_len, self.spec.fitness_windows * self.spec.seq_len)
-        solver = get_solver("refine", evaluator=self.fitness(), start=start, generations=self.spec.refine,
+        solver = get_solver("refine", evaluator=self.fitness, start=start, generations=self.spec.refine,
                             schedule=schedule, seed=self.spec.seed)
-        budgets = Budgets(max_bytes=start.bytes, max_latency=start.latency if "latency" in self.spec.budgets else None)
-        return solver.solve(self.problem, budgets)
+        return solver.solve(self.problem, self.within(start))

@@ -21,13 +21,11 @@ from quant.metrics import METRICS
 from quant.profile import KVOptions
 from search import SOLVERS
 from service.baselines import BASELINE_SPECS, BaselineRequest
-from service.pipeline import MEASURED, JobSpec
-
-KL_METRICS = ("fisher_mse", "kl")  # metrics whose cells are KL in nats per token
+from service.pipeline import KL_METRICS, MEASURED, JobSpec
 
 
 def _solvers() -> list[str]:
-    """Solvers a job can name: those that need no options (``refine`` needs a measuring evaluator)."""
+    """Solvers a job can name: those that need no options (``refine`` and ``descent`` need a measuring evaluator)."""
     return sorted(name for name, cls in SOLVERS.items()
                   if all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
                          for p in list(inspect.signature(cls.__init__).parameters.values())[1:]))
@@ -124,8 +122,11 @@ class JobCreate(Strict):
                                  f"of solving: {', '.join(BASELINE_SPECS)}.")
     ties: bool = Field(True, description="Keep each tie group (fused q/k/v, gate/up) in one format, as vLLM needs; "
                        "false for runtimes that store them apart, such as llama.cpp.")
+    descend: int = Field(0, ge=0, le=20, description="At most this many measured descent steps from the chosen "
+                         "point: each solves the KL's local model (its gradient there) exactly and is kept only if "
+                         "its KL on calibration text is lower; 0 skips them. Needs a metric in KL units.")
     refine: int = Field(0, ge=0, le=500, description="Generations of measured (EvoPress-style) refinement of the "
-                        "chosen point, by KL on calibration text; 0 skips it.")
+                        "chosen point (after any descent steps), by KL on calibration text; 0 skips it.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "zoo:llm", "formats": ["int3_g128", "int4_g128", "int8_g128"], "metric": "output_mse",
@@ -166,6 +167,13 @@ class JobCreate(Strict):
             raise ValueError(f"a kl budget needs a metric in KL units {KL_METRICS} (budgets.error is in this metric's units)")
         return budgets
 
+    @field_validator("descend")
+    @classmethod
+    def _descend_needs_kl_metric(cls, descend: int, info: ValidationInfo) -> int:
+        if descend and info.data.get("metric", "kl") not in KL_METRICS:
+            raise ValueError(f"descent weighs its gradient steps against the profile's error: give a metric in KL units {KL_METRICS}")
+        return descend
+
     @field_validator("baseline")
     @classmethod
     def _baseline(cls, baseline: str | None, info: ValidationInfo) -> str | None:
@@ -188,7 +196,7 @@ class JobCreate(Strict):
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, device=self.device,
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
-                       baseline=self.baseline, refine=self.refine, ties=self.ties)
+                       baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties)
 
 
 class Progress(BaseModel):
@@ -239,7 +247,7 @@ class PointOut(BaseModel):
     bytes: int
     error: float = Field(description="Predicted error (the profile's metric, summed over units).")
     latency: float | None = Field(description="Predicted decode-step latency, seconds.")
-    measured_kl: float | None = Field(description="Measured KL once a refine step has measured this point.")
+    measured_kl: float | None = Field(description="Measured KL once a descent or refine step has measured this point.")
     on_front: bool
     chosen: bool = Field(description="The point solved at the job's budget.")
 

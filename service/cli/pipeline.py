@@ -24,6 +24,8 @@ def run(
                                                         "on calibration text, is at most this."),
     baseline: str | None = typer.Option(None, help="Pick the point by a published rule instead: uniform:FORMAT, "
                                                    "layers:LOW/HIGH, llama.cpp:FTYPE, llama.cpp-plain:FTYPE, hawq_v3, nncf:LOW/HIGH."),
+    descend: int = typer.Option(0, help="At most this many measured descent steps from the chosen point: each solves "
+                                        "the KL's local model exactly, kept only if it measures better (0: none)."),
     refine: int = typer.Option(0, help="Generations of measured refinement of the chosen point (0: none)."),
     untie: bool = typer.Option(False, help="Let fused units (q/k/v, gate/up) take different formats: for runtimes "
                                            "that store them apart (llama.cpp), not for vLLM."),
@@ -50,7 +52,7 @@ def run(
         limits[MEASURED] = measured_kl
     spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver, method=method,  # type: ignore[arg-type]
                    budgets=limits, points=points, calibration=calibration, samples=samples, seq_len=seq_len,
-                   eval_windows=eval_windows, baseline=baseline, refine=refine, ties=not untie,
+                   eval_windows=eval_windows, baseline=baseline, descend=descend, refine=refine, ties=not untie,
                    kv=None if kv_context is None else KVOptions(kv_context, kv_batch))
     try:
         with progress_bar() as progress:

@@ -53,6 +53,16 @@ def test_refinement_is_never_worse_than_its_start_by_its_own_measure(tmp_path, z
     assert result.chosen.avg_bits <= 5.0
 
 
+def test_descent_then_refinement_keep_the_size_and_never_measure_worse(tmp_path, zoo):
+    start = run_job(spec(evaluation=None), profile_dir=tmp_path).chosen
+    descended = run_job(spec(descend=2, evaluation=None), profile_dir=tmp_path).chosen
+    assert descended.solver == "descent" and descended.bytes <= start.bytes
+    assert descended.measured <= descended.info["start_measured"]
+    both = run_job(spec(descend=1, refine=2, evaluation=None), profile_dir=tmp_path).chosen
+    assert both.solver == "refine" and both.bytes <= start.bytes
+    assert both.measured <= both.info["start_measured"]
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"baseline": "llama.cpp:Q9_K"}, "unknown llama.cpp type"),
     ({"baseline": "layers:int4_g32"}, "LOW/HIGH"),
@@ -61,6 +71,8 @@ def test_refinement_is_never_worse_than_its_start_by_its_own_measure(tmp_path, z
     ({"baseline": "magic"}, "expected one of"),
     ({"budgets": {"measured_kl": 0.1, "avg_bits": 4}}, "give it alone"),
     ({"budgets": {"kl": 0.1}, "metric": "output_mse"}, "KL units"),
+    ({"descend": 2, "metric": "output_mse"}, "KL units"),
+    ({"descend": 21}, "less than or equal to 20"),
 ])
 def test_bad_choices_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValidationError, match=message):
