@@ -3,21 +3,25 @@ otherwise pick, all scored on the held-out evaluation split.
 
 For each quantizer (RTN, GPTQ) it profiles SmolLM2-135M once per metric (cached), builds
 every baseline of ``search.baselines`` (uniform, two-width mixes by whole layers,
-llama.cpp's per-tensor mixes in both modes, HAWQ-V3's trace ILP, NNCF's ratio rule) and
-bitalloc's own methods (each metric with the exact solver, NSGA-II, the measured
-refinement), at the target average bits and at every baseline's own bits, and scores each
+llama.cpp's per-tensor mixes in both modes, HAWQ-V3's trace ILP with and without tie
+groups, NNCF's ratio rule) and bitalloc's own methods (each metric with the exact solver,
+NSGA-II, measured descent and refinement; the headline ``fisher_mse`` + ``dp`` tied and
+untied), at the target average bits and at every baseline's own bits, and scores each
 allocation with ``quant.evaluate``: KL from the 16-bit model, perplexity, top-1 agreement,
 bits and bytes, and the method's wall time. Then:
 
-- the goal check: for every baseline point in the useful band (its KL between
-  ``--band``), bitalloc's headline method (``fisher_mse`` + ``dp``) at the same bits, and
-  whether its KL is at least 30 % lower;
+- the goal check, per runtime: for every baseline point in the useful band (its KL between
+  ``--band``), the best bitalloc allocation of at most its bits that runs where it runs
+  (tied only, for runtimes that fuse q/k/v and gate/up; anything, for runtimes that store
+  tensors apart), and whether its KL is at least 30 % lower;
 - the KV cache in the same memory budget at two context lengths (``--kv-contexts``);
 - accuracy-target mode: bisection over the front by KL measured on calibration text,
   checked on the evaluation split.
 
 Prints tables, writes ``bench/results/quality.json`` and draws ``bench/results/quality.png``
 (KL against average bits, one line per method). ``--quick`` runs a small smoke version.
+Every scored point is checkpointed: ``--resume`` reuses them, ``--append`` adds this run's
+points and parts to an existing result (``resumed_points`` in the JSON counts the reused ones).
 
     python -m bench.quality [--threads 2] [--quantizers rtn,gptq] [--eval-windows 16] [--quick]
 """
@@ -40,6 +44,7 @@ import torch
 from quant.calibration import CalibrationSet, calibration_tokens, evaluation_tokens
 from quant.costs import LatencyModel
 from quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
+from quant.linearize import KLGradient
 from quant.formats import get_format
 from quant.loading import LoadedModel, load_model
 from quant.metrics import METRICS
@@ -61,6 +66,7 @@ FORMATS = ("int2_g128", "int3_g128", "int4_g128", "int5_g128", "int6_g128", "int
            "int3_g64", "int4_g64", "int5_g64", "int3_g32", "int4_g32", "int3_g128_asym", "int4_g128_asym")
 WIDTHS = ("int2_g128", "int3_g128", "int4_g128", "int5_g128", "int6_g128", "int8_g128")
 HEADLINE = "bitalloc fisher_mse+dp"
+HEADLINE_UNTIED = "bitalloc fisher_mse+dp (untied)"
 PROXIES = ("fisher_mse", "output_mse")
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -90,6 +96,7 @@ class Point:
     top1: float
     seconds: float
     info: dict = field(default_factory=dict)
+    tied: bool = True  # whether fused units (q/k/v, gate/up) share a format, as vLLM needs
 
 
 class Bench:
@@ -109,7 +116,12 @@ class Bench:
         self.cache = QuantizedWeights(args.weight_cache_gb * 1e9)
         self.evaluator = Evaluator(self.model, self.windows)
         self.fitness_evaluator = Evaluator(self.model, self.fitness)
-        self.evaluator.weights = self.fitness_evaluator.weights = self.cache  # quantize each cell once for all
+        # Descent's gradients: the first calibration windows (the profile's text), never the fitness or evaluation text.
+        gradient = CalibrationSet(self.calibration.inputs[: args.gradient_windows].contiguous(), self.calibration.source,
+                                  self.calibration.sha256)
+        self.gradient_evaluator = Evaluator(self.model, gradient, batch_size=2)
+        for evaluator in (self.evaluator, self.fitness_evaluator, self.gradient_evaluator):
+            evaluator.weights = self.cache  # quantize each cell once for all
         self.fingerprint = model_fingerprint(self.model.module)
         self.infos = unit_infos(self.units.units)
         self.model_info = model_info(self.units.units)
@@ -118,6 +130,7 @@ class Bench:
         # Every scored point is checkpointed; --resume reuses them instead of evaluating again.
         self.checkpoint = Path(args.out).with_suffix(".points.json")
         self.done: dict[tuple[str, str], Point] = {}
+        self.resumed = 0  # points taken from the checkpoint instead of evaluated again
         if args.resume and self.checkpoint.exists():
             self.done = {(p["quantizer"], p["label"]): Point(**p) for p in json.loads(self.checkpoint.read_text())}
 
@@ -170,18 +183,25 @@ class Bench:
         profile.save(path)
         return profile
 
+    def respects_ties(self, allocation: Allocation) -> bool:
+        """Whether every tie group's units share one format (deployable where they are fused)."""
+        formats = allocation.formats
+        return all(len({formats[name] for name in group}) == 1 for group in self.units.tie_groups)
+
     def score(self, allocation: Allocation, quantizer: str, family: str, label: str, target: float | None,
               seconds: float, info: dict | None = None) -> Point:
         if (quantizer, label) in self.done:
-            self.points.append(self.done[(quantizer, label)])
+            self.points.append(replace(self.done[(quantizer, label)], tied=self.respects_ties(allocation)))
+            self.resumed += 1
             return self.points[-1]
         result = self.evaluator.evaluate(allocation.formats, method=quantizer, hessians=self.hessians_for(quantizer),  # type: ignore[arg-type]
                                          units=self.units)
         point = Point(quantizer, family, label, target, round(float(result.avg_bits), 4), int(result.bytes),
-                      result.kl, result.perplexity, result.top1, round(seconds, 2), info or {})
+                      result.kl, result.perplexity, result.top1, round(seconds, 2), info or {}, self.respects_ties(allocation))
         self.points.append(point)
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        self.checkpoint.write_text(json.dumps([asdict(p) for p in self.points], indent=0))
+        kept = {**self.done, **{(p.quantizer, p.label): p for p in self.points}}  # never lose resumable points
+        self.checkpoint.write_text(json.dumps([asdict(p) for p in kept.values()], indent=0))
         log(f"  {quantizer:<5}{label:<40}{point.avg_bits:>7.3f} b  KL {point.kl:.4f}  ppl {point.perplexity:.2f}")
         return point
 
@@ -206,15 +226,19 @@ def run_proxies(bench: Bench, quantizer: str, targets: list[float]) -> None:
             bench.score(allocation, quantizer, f"bitalloc {metric}+dp", f"{metric}+dp @{target:g}", target, seconds)
 
 
-def run_headline_at(bench: Bench, quantizer: str, bits: list[float]) -> None:
-    """The headline method at the bits of every baseline point it must be compared with."""
-    problem = problem_of(bench.profile("fisher_mse", quantizer))
-    done = {round(p.target, 4) for p in bench.points if p.family == HEADLINE and p.quantizer == quantizer and p.target}
+def run_headline_at(bench: Bench, quantizer: str, bits: list[float], ties: bool = True) -> None:
+    """The headline method at the bits of every baseline point it must be compared with;
+    ``ties=False`` for the baselines that store fused units apart (llama.cpp's mixes)."""
+    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
+    family, suffix = (HEADLINE, "") if ties else (HEADLINE_UNTIED, " untied")
+    done = {p.label for p in bench.points if p.family == family and p.quantizer == quantizer}
     for b in sorted(set(bits)):
-        if round(b, 4) in done:
+        label = f"fisher_mse+dp @{b:.3f}{suffix}"  # bits that round alike (6 and 5.9999) are one point
+        if label in done:
             continue
+        done.add(label)
         allocation, seconds = timed(lambda: solve(problem, Budgets(max_avg_bits=b)))
-        bench.score(allocation, quantizer, HEADLINE, f"fisher_mse+dp @{b:.3f}", b, seconds)
+        bench.score(allocation, quantizer, family, label, b, seconds)
 
 
 def run_nsga2(bench: Bench, quantizer: str, targets: list[float]) -> None:
@@ -247,6 +271,34 @@ def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]
         rows.append({"quantizer": quantizer, "target": target, "fitness_start": refined.info["start_measured"],
                      "fitness_end": refined.measured, "eval_start": before.kl, "eval_end": after.kl,
                      "seconds": round(seconds, 1), "evaluations": refined.info["evaluations"]})
+    return rows
+
+
+def run_descent(bench: Bench, quantizer: str, targets: list[float], ties: bool = True) -> list[dict]:
+    """Measured descent from the headline allocation: proximal steps on the KL's gradient at
+    the current point (on calibration windows), each kept only if its KL on the fitness
+    windows is lower; judged on the evaluation split."""
+    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
+    hessians = bench.hessians_for(quantizer)
+    fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
+    linear = KLGradient(bench.gradient_evaluator, problem.unit_names, problem.format_names, problem.allowed,
+                        method=quantizer, hessians=hessians)  # type: ignore[arg-type]
+    family, suffix = ("bitalloc fisher_mse+dp+descent", "") if ties else ("bitalloc fisher_mse+dp+descent (untied)", " untied")
+    start_family = HEADLINE if ties else HEADLINE_UNTIED
+    rows = []
+    for target in targets:
+        budgets = Budgets(max_avg_bits=target)
+        solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=solve(problem, budgets),
+                            samples=len(bench.fitness.inputs) * bench.args.seq_len, iterations=bench.args.descent_iterations)
+        result, seconds = timed(lambda: solver.solve(problem, budgets))
+        before = next(p for p in reversed(bench.points) if p.family == start_family and p.quantizer == quantizer
+                      and p.target == target)
+        steps = [it.get("accepted") for it in result.info["iterations"]]
+        after = bench.score(result, quantizer, family, f"descent @{target:g}{suffix}", target, seconds,
+                            {"fitness_start": result.info["start_measured"], "fitness_end": result.measured, "steps": steps})
+        rows.append({"quantizer": quantizer, "target": target, "ties": ties, "fitness_start": result.info["start_measured"],
+                     "fitness_end": result.measured, "eval_start": before.kl, "eval_end": after.kl, "steps": steps,
+                     "seconds": round(seconds, 1)})
     return rows
 
 
@@ -360,10 +412,11 @@ def run_baselines(bench: Bench, quantizer: str, targets: list[float]) -> None:
             allocation, seconds = timed(lambda: baselines.llamacpp(problem, bench.infos, ftype, bench.model_info,
                                                                    fallback=fallback))
             bench.score(allocation, quantizer, family, f"{ftype}{'' if fallback else ' (plain)'}", None, seconds)
-    trace_problem = problem_of(bench.profile("hessian_trace", quantizer))
-    for target in targets:
-        allocation, seconds = timed(lambda: baselines.hawq_v3(trace_problem, Budgets(max_avg_bits=target)))
-        bench.score(allocation, quantizer, "HAWQ-V3 (trace ILP)", f"HAWQ-V3 @{target:g}", target, seconds)
+    for ties, suffix in ((True, ""), (False, " untied")):
+        trace_problem = problem_of(bench.profile("hessian_trace", quantizer), ties=ties)
+        for target in targets:
+            allocation, seconds = timed(lambda: baselines.hawq_v3(trace_problem, Budgets(max_avg_bits=target)))
+            bench.score(allocation, quantizer, f"HAWQ-V3 (trace ILP{suffix})", f"HAWQ-V3 @{target:g}{suffix}", target, seconds)
     start = time.perf_counter()
     scores = nncf_scores(bench.model.module, bench.units.weights, batches=bench.calibration.batches(4))
     score_seconds = time.perf_counter() - start
@@ -375,25 +428,41 @@ def run_baselines(bench: Bench, quantizer: str, targets: list[float]) -> None:
         bench.score(allocation, quantizer, "NNCF ratio (int4/int8)", f"NNCF @{target:g}", target, seconds + score_seconds)
 
 
+RUNTIMES = {"fused": "runtimes that fuse q/k/v and gate/up (vLLM)",
+            "apart": "runtimes that store every tensor apart (llama.cpp, transformers)"}
+
+
 def goal_rows(bench: Bench, band: tuple[float, float]) -> list[dict]:
     """For every baseline point in the band: bitalloc's headline at the same bits, and the best
-    bitalloc allocation of at most those bits; the goal is a KL at least 30 % lower."""
+    bitalloc allocation of at most those bits; the goal is a KL at least 30 % lower.
+
+    Both sides must run on the same runtime. Where fused units must share a format, only
+    allocations that keep them together compete (llama.cpp's mixes, which give attn_v its
+    own type, cannot run there); where tensors are stored apart, every allocation does.
+    """
     rows = []
-    for base in bench.points:
-        if base.family.startswith(("bitalloc", "accuracy")) or not band[0] <= base.kl <= band[1]:
-            continue
-        ours = [p for p in bench.points if p.quantizer == base.quantizer and p.family.startswith("bitalloc")
-                and p.avg_bits <= base.avg_bits + 1e-9]
-        headline = [p for p in ours if p.family == HEADLINE]
-        if not headline:
-            continue
-        head = min(headline, key=lambda p: (-p.avg_bits, p.kl))  # the headline point closest below B
-        best = min(ours, key=lambda p: p.kl)
-        rows.append({"quantizer": base.quantizer, "baseline": base.label, "family": base.family,
-                     "bits": base.avg_bits, "baseline_kl": base.kl, "headline_bits": head.avg_bits,
-                     "headline_kl": head.kl, "headline_ratio": head.kl / base.kl, "best": best.label,
-                     "best_kl": best.kl, "best_ratio": best.kl / base.kl, "holds": best.kl <= 0.7 * base.kl})
+    for runtime in RUNTIMES:
+        for base in bench.points:
+            if (base.family.startswith(("bitalloc", "accuracy")) or not band[0] <= base.kl <= band[1]
+                    or runtime == "fused" and not base.tied):
+                continue
+            ours = [p for p in bench.points if p.quantizer == base.quantizer and p.family.startswith("bitalloc")
+                    and p.avg_bits <= base.avg_bits + 1e-9 and (p.tied or runtime == "apart")]
+            rows += goal_row(runtime, base, ours)
     return rows
+
+
+def goal_row(runtime: str, base: Point, ours: list[Point]) -> list[dict]:
+    """The comparison of one baseline point with bitalloc's points that may stand against it."""
+    headline = [p for p in ours if p.family == (HEADLINE if runtime == "fused" else HEADLINE_UNTIED)]
+    if not headline:
+        return []
+    head = min(headline, key=lambda p: (-p.avg_bits, p.kl))  # the headline point closest below B
+    best = min(ours, key=lambda p: p.kl)
+    return [{"runtime": runtime, "quantizer": base.quantizer, "baseline": base.label, "family": base.family,
+             "bits": base.avg_bits, "baseline_kl": base.kl, "headline_bits": head.avg_bits, "headline_kl": head.kl,
+             "headline_ratio": head.kl / base.kl, "best": best.label, "best_kl": best.kl,
+             "best_ratio": best.kl / base.kl, "holds": best.kl <= 0.7 * base.kl}]
 
 
 def plot(points: list[Point], path: Path) -> None:
@@ -406,7 +475,7 @@ def plot(points: list[Point], path: Path) -> None:
     quantizers = sorted({p.quantizer for p in points}, key=["rtn", "gptq"].index)
     fig, axes = plt.subplots(1, len(quantizers), figsize=(8 * len(quantizers), 6), squeeze=False)
     families = sorted({p.family for p in points})
-    colours = {family: plt.cm.tab20(i % 20) for i, family in enumerate(families)} | {HEADLINE: "black"}
+    colours = {family: plt.cm.tab20(i % 20) for i, family in enumerate(families)} | {HEADLINE: "black", HEADLINE_UNTIED: "dimgrey"}
     for ax, quantizer in zip(axes[0], quantizers):
         for family in families:
             mine = sorted((p for p in points if p.quantizer == quantizer and p.family == family), key=lambda p: p.avg_bits)
@@ -416,7 +485,7 @@ def plot(points: list[Point], path: Path) -> None:
             style = "none" if family == "uniform" else "-" if family.startswith("bitalloc") else ":"
             ax.plot([p.avg_bits for p in mine], [max(p.kl, 1e-5) for p in mine], linestyle=style, marker="o",
                     markersize=5 if family == "uniform" else 3, color=colours[family],
-                    linewidth=2.5 if family == HEADLINE else 1.2, label=family)
+                    linewidth=2.5 if family in (HEADLINE, HEADLINE_UNTIED) else 1.2, label=family)
         ax.set_yscale("log")
         ax.set_xlabel("average bits per weight")
         ax.set_ylabel("KL from the 16-bit model (evaluation split)")
@@ -437,15 +506,25 @@ def print_tables(result: dict) -> None:
             print(f"{p['family']:<40}{p['label']:<36}{p['avg_bits']:>7.3f}{p['kl']:>9.4f}{p['perplexity']:>9.2f}"
                   f"{p['top1']:>7.3f}{p['seconds']:>8.1f}")
     print(f"\nGoal: KL at least 30% below every baseline point with KL in {result['band']} (best bitalloc at <= its bits)")
-    print(f"{'q':<5}{'baseline':<36}{'bits':>7}{'KL':>9}{'headline KL':>13}{'ratio':>7}{'best KL':>9}{'ratio':>7}  holds")
+    for runtime, meaning in RUNTIMES.items():
+        rows = [r for r in result["goal"] if r["runtime"] == runtime]
+        held = ", ".join(f"{q} {sum(r['holds'] for r in rows if r['quantizer'] == q)}/{sum(r['quantizer'] == q for r in rows)}"
+                         for q in result["quantizers"])
+        print(f"  {runtime}: {meaning}; holds {held}")
+    print(f"{'runtime':<8}{'q':<5}{'baseline':<36}{'bits':>7}{'KL':>9}{'headline KL':>13}{'ratio':>7}{'best KL':>9}{'ratio':>7}  holds")
     for r in result["goal"]:
-        print(f"{r['quantizer']:<5}{r['baseline']:<36}{r['bits']:>7.3f}{r['baseline_kl']:>9.4f}{r['headline_kl']:>13.4f}"
+        print(f"{r['runtime']:<8}{r['quantizer']:<5}{r['baseline']:<36}{r['bits']:>7.3f}{r['baseline_kl']:>9.4f}{r['headline_kl']:>13.4f}"
               f"{r['headline_ratio']:>7.2f}{r['best_kl']:>9.4f}{r['best_ratio']:>7.2f}  {'yes' if r['holds'] else 'NO'}")
     if result["refine"]:
         print("\nMeasured refinement (fitness: KL on calibration text; judged on the evaluation split)")
         for r in result["refine"]:
             print(f"{r['quantizer']:<5}@{r['target']:<5} fitness {r['fitness_start']:.4f} -> {r['fitness_end']:.4f}   "
                   f"evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   {r['evaluations']} evaluations, {r['seconds']} s")
+    if result["descent"]:
+        print("\nMeasured descent (gradient on calibration windows, accepted by KL on fitness windows, judged on evaluation)")
+        for r in result["descent"]:
+            print(f"{r['quantizer']:<5}@{r['target']:<5}{'tied' if r['ties'] else 'untied':<8} fitness {r['fitness_start']:.4f} -> "
+                  f"{r['fitness_end']:.4f}   evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   steps {r['steps']}  {r['seconds']} s")
     if result["kv"]:
         print("\nKV cache in the same memory budget (weights + KV at the context; KL measured on 512-token windows)")
         for r in result["kv"]:
@@ -472,6 +551,10 @@ def main() -> None:
     parser.add_argument("--trace-tokens", type=int, default=256)
     parser.add_argument("--trace-samples", type=int, default=8)
     parser.add_argument("--refine-targets", default="4.5,5", help="RTN targets for the measured refinement ('' skips)")
+    parser.add_argument("--descent-targets", default="4,4.5,5,5.5", help="targets for measured descent ('' skips)")
+    parser.add_argument("--descent-quantizers", default="rtn,gptq", help="quantizers to run descent for")
+    parser.add_argument("--descent-iterations", type=int, default=2)
+    parser.add_argument("--gradient-windows", type=int, default=8, help="calibration windows for descent's gradients")
     parser.add_argument("--refine-generations", type=int, default=8)
     parser.add_argument("--refine-offspring", type=int, default=8)
     parser.add_argument("--kv-contexts", default="4096,32768", help="'' skips the KV part")
@@ -483,13 +566,14 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out file")
     parser.add_argument("--resume", action="store_true", help="reuse the points checkpointed by an interrupted run")
     parser.add_argument("--append", action="store_true",
-                        help="keep the other quantizers' points and the extra parts of an existing --out file")
+                        help="keep the points this run does not score again, and the parts it skips, of an existing --out file")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = parser.parse_args()
     if args.quick:
         args.quantizers, args.targets, args.eval_windows, args.calibration_windows = "rtn", "4.5,5", 2, 4
         args.fitness_windows, args.refine_targets, args.kv_contexts, args.target_kls = 2, "4.5", "4096", "0.15"
         args.refine_generations, args.refine_offspring, args.target_steps = 1, 2, 2
+        args.descent_targets, args.descent_iterations, args.gradient_windows = "4.5", 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
@@ -502,26 +586,31 @@ def main() -> None:
     targets = floats(args.targets)
     started = time.perf_counter()
     bench = Bench(args)
-    refine, phases = [], {}
+    refine, descent, phases = [], [], {}
     for quantizer in args.quantizers.split(","):
         clock = time.perf_counter()
         run_baselines(bench, quantizer, targets)
         run_proxies(bench, quantizer, targets if quantizer == "rtn" else [])
         band = floats(args.band)
-        in_band = [p.avg_bits for p in bench.points if p.quantizer == quantizer and not p.family.startswith("bitalloc")
+        in_band = [p for p in bench.points if p.quantizer == quantizer and not p.family.startswith("bitalloc")
                    and band[0] <= p.kl <= band[1]]
-        run_headline_at(bench, quantizer, targets + in_band)
+        run_headline_at(bench, quantizer, targets + [p.avg_bits for p in in_band])
+        run_headline_at(bench, quantizer, targets + [p.avg_bits for p in in_band], ties=False)
         if quantizer == "rtn":
             run_nsga2(bench, quantizer, targets)
             refine += run_refine(bench, quantizer, floats(args.refine_targets))
+        if quantizer in args.descent_quantizers.split(","):
+            for ties in (True, False) if quantizer == "rtn" else (True,):  # untied GPTQ would pass the hour
+                descent += run_descent(bench, quantizer, floats(args.descent_targets), ties=ties)
         phases[quantizer] = round(time.perf_counter() - clock, 1)
     kv = run_kv(bench) if args.kv_contexts else []
     target = run_target(bench, floats(args.target_kls))
     reference = bench.evaluator.score()  # the 16-bit model against itself: its perplexity on these windows
     if earlier is not None:
-        kept = [Point(**p) for p in earlier["points"] if p["quantizer"] not in args.quantizers.split(",")]
-        bench.points[:0] = kept
+        scored = {(p.quantizer, p.label) for p in bench.points}
+        bench.points[:0] = [Point(**p) for p in earlier["points"] if (p["quantizer"], p["label"]) not in scored]
         refine, kv, target = refine or earlier["refine"], kv or earlier["kv"], target or earlier["target"]
+        descent = descent or earlier.get("descent", [])
         phases = {**{k: v for k, v in earlier["seconds"].items() if k != "this run"}, **phases}
     quantizers = sorted({p.quantizer for p in bench.points}, key=["rtn", "gptq"].index)
     result = {
@@ -531,8 +620,8 @@ def main() -> None:
         "evaluation": bench.windows.describe(), "fitness": bench.fitness.describe(), "eval_tokens": reference.tokens,
         "reference_perplexity": reference.reference_perplexity, "options": {k: v for k, v in vars(args).items() if k != "out"},
         "points": [asdict(p) for p in bench.points], "goal": goal_rows(bench, tuple(floats(args.band))),
-        "refine": refine, "kv": kv, "target": target,
-        "seconds": {**phases, "this run": round(time.perf_counter() - started, 1)},
+        "refine": refine, "descent": descent, "kv": kv, "target": target,
+        "seconds": {**phases, "this run": round(time.perf_counter() - started, 1)}, "resumed_points": bench.resumed,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
