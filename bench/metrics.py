@@ -74,7 +74,7 @@ def main() -> None:
     units = enumerate_units(model.module, example_inputs=model.example_inputs)
     formats = [get_format(name) for name in FORMATS]
     calibration = calibration_tokens(model.tokenizer, "zoo:calibration", seq_len=args.seq_len, count=args.windows, seed=0)
-    hutchinson_set = CalibrationSet(calibration.inputs[: args.hutchinson_windows], calibration.source, calibration.sha256)
+    hutchinson_set = calibration.head(args.hutchinson_windows)
     options = {"kl_tokens": args.kl_tokens, "hutchinson_samples": args.hutchinson_samples}
 
     def context(data: CalibrationSet = calibration) -> ProfilingContext:

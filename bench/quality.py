@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.calibration import CalibrationSet, calibration_tokens, evaluation_tokens
+from quant.calibration import calibration_tokens, evaluation_tokens
 from quant.costs import LatencyModel
 from quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
 from quant.linearize import KLGradient
@@ -117,9 +117,7 @@ class Bench:
         self.evaluator = Evaluator(self.model, self.windows)
         self.fitness_evaluator = Evaluator(self.model, self.fitness)
         # Descent's gradients: the first calibration windows (the profile's text), never the fitness or evaluation text.
-        gradient = CalibrationSet(self.calibration.inputs[: args.gradient_windows].contiguous(), self.calibration.source,
-                                  self.calibration.sha256)
-        self.gradient_evaluator = Evaluator(self.model, gradient, batch_size=2)
+        self.gradient_evaluator = Evaluator(self.model, self.calibration.head(args.gradient_windows), batch_size=2)
         for evaluator in (self.evaluator, self.fitness_evaluator, self.gradient_evaluator):
             evaluator.weights = self.cache  # quantize each cell once for all
         self.fingerprint = model_fingerprint(self.model.module)
@@ -151,13 +149,12 @@ class Bench:
         """Hutchinson traces on the first ``--trace-tokens`` tokens of the first ``--trace-windows``
         calibration windows (a double backward per vector, one window at a time: a few windows,
         as HAWQ does), cached on disk."""
-        inputs = self.calibration.inputs[: self.args.trace_windows, : self.args.trace_tokens].contiguous()
-        digest = hashlib.sha256(inputs.numpy().tobytes() + self.fingerprint.encode()).hexdigest()[:16]
+        subset = self.calibration.head(self.args.trace_windows, self.args.trace_tokens)
+        digest = hashlib.sha256(subset.inputs.numpy().tobytes() + self.fingerprint.encode()).hexdigest()[:16]
         path = CACHE / f"traces-{digest}-{self.args.trace_samples}.npy"  # the digest covers the windows and the model
         if path.exists():
             return np.load(path)
         log("Hutchinson traces ...")
-        subset = CalibrationSet(inputs, self.calibration.source, self.calibration.sha256)
         ctx = ProfilingContext(self.model, self.units, formats_for("rtn"), subset, batch_size=1, progress=printing_progress)
         traces = hutchinson_traces(ctx, self.args.trace_samples)
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -182,6 +179,10 @@ class Bench:
                            "seconds": round(time.perf_counter() - start, 1)})
         profile.save(path)
         return profile
+
+    def latest(self, quantizer: str, family: str, target: float) -> Point:
+        """The last point scored for a method at a target: where a measured search started."""
+        return next(p for p in reversed(self.points) if p.quantizer == quantizer and p.family == family and p.target == target)
 
     def respects_ties(self, allocation: Allocation) -> bool:
         """Whether every tie group's units share one format (deployable where they are fused)."""
@@ -263,8 +264,7 @@ def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]
         solver = get_solver("refine", evaluator=fitness, start=start, generations=bench.args.refine_generations,
                             offspring=bench.args.refine_offspring, schedule=schedule, seed=0)
         refined, seconds = timed(lambda: solver.solve(problem, budgets))
-        before = next(p for p in reversed(bench.points) if p.family == HEADLINE and p.quantizer == quantizer
-                      and p.target == target)
+        before = bench.latest(quantizer, HEADLINE, target)
         after = bench.score(refined, quantizer, "bitalloc fisher_mse+dp+refine", f"refine @{target:g}", target, seconds,
                             {"fitness_start": refined.info["start_measured"], "fitness_end": refined.measured,
                              "evaluations": refined.info["evaluations"]})
@@ -291,8 +291,7 @@ def run_descent(bench: Bench, quantizer: str, targets: list[float], ties: bool =
         solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=solve(problem, budgets),
                             samples=len(bench.fitness.inputs) * bench.args.seq_len, iterations=bench.args.descent_iterations)
         result, seconds = timed(lambda: solver.solve(problem, budgets))
-        before = next(p for p in reversed(bench.points) if p.family == start_family and p.quantizer == quantizer
-                      and p.target == target)
+        before = bench.latest(quantizer, start_family, target)
         steps = [it.get("accepted") for it in result.info["iterations"]]
         after = bench.score(result, quantizer, family, f"descent @{target:g}{suffix}", target, seconds,
                             {"fitness_start": result.info["start_measured"], "fitness_end": result.measured, "steps": steps})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,12 @@ class CalibrationSet:
 
     def batches(self, batch_size: int) -> list[torch.Tensor]:
         return list(self.inputs.split(batch_size))
+
+    def head(self, windows: int, length: int | None = None) -> CalibrationSet:
+        """The first ``windows`` inputs (cut to their first ``length`` tokens), same provenance:
+        a cheaper subset for work that needs fewer samples (traces, gradients, KL)."""
+        inputs = self.inputs[:windows] if length is None else self.inputs[:windows, :length]
+        return replace(self, inputs=inputs.contiguous())
 
     def describe(self) -> dict:
         """Provenance: the source, its data hash, and a hash of the exact inputs drawn from it."""

@@ -50,6 +50,12 @@ def model_logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return (output.logits if hasattr(output, "logits") else output).float()
 
 
+def kl_sum(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) summed over positions, from both sides' log-probabilities
+    (float64 sum; differentiable in ``log_probs``)."""
+    return (reference.exp() * (reference - log_probs)).sum(dtype=torch.float64)
+
+
 @contextlib.contextmanager
 def applied(
     model: LoadedModel,
@@ -159,7 +165,7 @@ class Evaluator:
                 targets = batch[:, 1:].unsqueeze(-1)
                 nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
                 reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
-                kl += float((reference.exp() * (reference - log_probs)).sum(dtype=torch.float64))
+                kl += float(kl_sum(reference, log_probs))
                 agree += float((reference.argmax(-1) == log_probs.argmax(-1)).sum())
                 count += targets.numel()
         return Evaluation(math.exp(nll / count), max(kl / count, 0.0), agree / count, count,

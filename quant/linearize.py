@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from quant.evaluate import Evaluator, applied, model_logits, simulated
+from quant.evaluate import Evaluator, applied, kl_sum, model_logits, simulated
+from quant.metrics.fisher_mse import frozen
 from quant.quantizers import Method
 from quant.units import as_matrix, weight_matrix
 
@@ -49,28 +50,22 @@ class KLGradient:
         """``dKL/dW`` (as ``[N, K]`` matrices) of every weight unit, with ``allocation`` applied."""
         model = self.evaluator.model.module
         weights = {name: module.weight for name, module in self.modules.items()}
-        flags = [(p, p.requires_grad) for p in model.parameters()]
         windows = self.evaluator.windows.inputs
         positions = windows.shape[0] * (windows.shape[1] - 1)
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for w in weights.values():
-                w.requires_grad_(True)
-                w.grad = None
-            with applied(self.evaluator.model, allocation, method=self.method, hessians=self.hessians,
-                         cache=self.evaluator.weights), torch.enable_grad():
+            with frozen(model), applied(self.evaluator.model, allocation, method=self.method, hessians=self.hessians,
+                                        cache=self.evaluator.weights):
+                for w in weights.values():
+                    w.requires_grad_(True)
+                    w.grad = None
                 for index, batch in enumerate(windows.split(self.evaluator.batch_size)):
                     reference = self.evaluator.reference_log_probs(index, batch)
                     log_probs = torch.log_softmax(model_logits(model, batch)[:, :-1], dim=-1)
-                    kl = (reference.exp() * (reference - log_probs)).sum() / positions
-                    kl.backward()
-            return {name: as_matrix(self.modules[name], w.grad).detach().clone() for name, w in weights.items()}
+                    (kl_sum(reference, log_probs) / positions).backward()
+                return {name: as_matrix(self.modules[name], w.grad).detach().clone() for name, w in weights.items()}
         finally:
             for w in weights.values():
                 w.grad = None
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
     def __call__(self, allocation: Mapping[str, str]) -> np.ndarray:
         gradients = self.gradients(allocation)

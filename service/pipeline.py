@@ -233,9 +233,7 @@ class Choice:
             raise ValueError(f"descend: the steps weigh KL gradients against the profile's error, so the metric must "
                              f"be in KL units {KL_METRICS}, not {self.spec.metric!r}")
         fitness = self.fitness
-        windows = self.calibration.inputs[: self.spec.gradient_windows].contiguous()
-        subset = CalibrationSet(windows, self.calibration.source, self.calibration.sha256)
-        evaluator = Evaluator(self.model, subset, batch_size=2)
+        evaluator = Evaluator(self.model, self.calibration.head(self.spec.gradient_windows), batch_size=2)
         evaluator.weights = fitness.evaluator.weights  # one cache of quantized cells for both
         problem = self.problem
         linear = KLGradient(evaluator, problem.unit_names, problem.format_names, problem.allowed,

@@ -34,7 +34,7 @@ def kl_windows(calibration: CalibrationSet, tokens: int | None) -> CalibrationSe
     windows, length = calibration.inputs.shape
     length = min(length, tokens)
     count = min(windows, tokens // length)
-    return CalibrationSet(calibration.inputs[:count, :length], calibration.source, calibration.sha256)
+    return calibration.head(count, length)
 
 
 def kl_evaluator(ctx: ProfilingContext) -> Evaluator:

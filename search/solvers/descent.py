@@ -37,6 +37,7 @@ from search.problem import Problem
 from search.registry import get_solver, register
 from search.solver import Solver
 from search.solvers.knapsack import exact_solver_name
+from search.solvers.refine import starting_point
 
 LinearModel = Callable[[Allocation], np.ndarray]
 
@@ -70,13 +71,7 @@ class DescentSolver(Solver):
         return None
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
-        if self.start is None:
-            current = get_solver(exact_solver_name(problem, budgets, objective)).solve(problem, budgets, objective)
-        else:
-            broken = problem.violations(self.start.choice, budgets)
-            if broken:
-                raise ValueError(f"start: the allocation breaks the budgets or structure: {'; '.join(broken)}")
-            current = self.start
+        current = starting_point(problem, budgets, objective, self.start)
         measured = self.measure(current)
         history = [{"measured": measured}]
         rows = np.arange(problem.n_units)

@@ -69,15 +69,18 @@ class RefineSolver(Solver):
         self.seed = seed
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
-        if self.start is None:
-            exact = exact_solver_name(problem, budgets, objective)
-            start = get_solver(exact).solve(problem, budgets, objective)
-        else:
-            broken = problem.violations(self.start.choice, budgets)
-            if broken:
-                raise ValueError(f"start: the allocation breaks the budgets or structure: {'; '.join(broken)}")
-            start = self.start
-        return _Evolution(problem, budgets, self, start).run()
+        return _Evolution(problem, budgets, self, starting_point(problem, budgets, objective, self.start)).run()
+
+
+def starting_point(problem: Problem, budgets: Budgets, objective: Metric, start: Allocation | None) -> Allocation:
+    """Where a measured search starts: ``start``, checked against the budgets and structure,
+    or else the exact solver's optimum of the proxy ``objective``."""
+    if start is None:
+        return get_solver(exact_solver_name(problem, budgets, objective)).solve(problem, budgets, objective)
+    broken = problem.violations(start.choice, budgets)
+    if broken:
+        raise ValueError(f"start: the allocation breaks the budgets or structure: {'; '.join(broken)}")
+    return start
 
 
 class _Evolution:
