@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete as delete_rows
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import FINISHED_STATES, Build, Job, JobLog, utcnow
+from service.models import FINISHED_STATES, Artifact, Build, Job, JobLog, utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
 
@@ -117,17 +117,25 @@ def fail_queued(session: Session, job_id: uuid.UUID, reason: str) -> None:
     add_log(session, job_id, reason, "error")
 
 
-def delete(session: Session, job: Job) -> None:
+def delete(session: Session, job: Job) -> set[str]:
     """Delete a job with its front, allocations, log, artifact records and builds (not while it
-    or one of its builds runs)."""
+    or one of its builds runs).
+
+    Returns the sha256 of the artifact records it deleted. Their bytes stay in the store: the
+    caller hands them to ``service.garbage.after_delete`` once this transaction has committed,
+    so a rollback never leaves a row pointing at a missing file.
+    """
     if job.state == "running":
         raise StateConflict("job is running: cancel it first")
     builds = select(Build.job_id).where(Build.parent_id == job.id)
     if session.scalar(select(exists().where(Job.id.in_(builds), Job.state == "running"))):
         raise StateConflict("a build of this job is running: cancel it first")
+    owners = or_(Artifact.job_id == job.id, Artifact.job_id.in_(builds))
+    candidates = set(session.scalars(select(Artifact.sha256).where(owners)))
     # A build's job row is not a child of the parent's in the schema, so it goes explicitly.
     session.execute(delete_rows(Job).where(Job.id.in_(builds)))
     session.delete(job)
+    return candidates
 
 
 def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> Job | None:

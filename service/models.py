@@ -194,7 +194,9 @@ class Point(Base):
 
 
 class Artifact(Base):
-    """A downloadable file owned by a token (through its job); its bytes are in the store by sha256."""
+    """A downloadable file owned by a token (through its job); its bytes are in the store by sha256,
+    shared by every row with those bytes and removed once no artifact or profile row names them
+    (``service.garbage``)."""
 
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "kind", "sha256", name="uq_artifacts_job_kind_sha256"),)

@@ -3,7 +3,7 @@
 ``store`` runs inside the transaction that marks the job succeeded: the front, its points,
 their allocations and the profile's artifact record are written all together or not at all.
 The profile's bytes go to the content-addressed store first; if the transaction then fails,
-what remains is an unreferenced blob, never a half-written front.
+what remains is an unreferenced blob (``bitalloc gc`` removes it), never a half-written front.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import garbage, jobs
 from service.api.deps import ContextDep, TokenDep
 from service.db import transaction
 from service.models import Job, JobLog
@@ -125,9 +125,11 @@ def cancel_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
                responses={**NOT_FOUND, 409: {"description": "The job is running: cancel it first."}})
 def delete_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> None:
-    """Delete a job and its front, allocations, log and artifact records."""
+    """Delete a job and its front, allocations, log, builds and artifact records; then, once that
+    committed, the stored files no other job's artifact (nor a cached profile) shares."""
     with transaction(ctx.sessions) as session:
         try:
-            jobs.delete(session, load_job(session, token_id, job_id))
+            candidates = jobs.delete(session, load_job(session, token_id, job_id))
         except jobs.StateConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    garbage.after_delete(ctx.sessions, ctx.storage, candidates)

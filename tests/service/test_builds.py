@@ -63,7 +63,8 @@ def check_built(client, ctx, headers: dict, build: dict, point: dict, tmp_path) 
 def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo):
     """SQLite + the in-process worker: build a point as RTN, download and load it; asking again returns
     that build; another token sees nothing; a failing build fails with its reason and a new request
-    builds afresh (GPTQ); the jobs list shows compression jobs only; deleting the job takes its builds."""
+    builds afresh (GPTQ); the jobs list shows compression jobs only; deleting the job takes its builds
+    and their stored tars."""
     with running_app(embedded_settings) as (client, ctx):
         owner, other = bearer(ctx, "owner"), bearer(ctx, "other")
         job_id = client.post("/v1/jobs", json=job_body(), headers=owner).json()["id"]
@@ -127,6 +128,8 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
             assert client.get(path, headers=owner).status_code == 404, path
         with ctx.sessions() as session:
             assert session.scalars(select(models.Job)).all() == [] and session.scalars(select(models.Build)).all() == []
+            profiles = session.scalars(select(models.Profile.sha256)).all()
+        assert profiles and sorted(ctx.storage.blobs()) == sorted(profiles)  # the tars went; the cached profile stays
 
 
 def test_a_build_needs_a_succeeded_job_its_point_and_a_known_method(tmp_path):
