@@ -109,8 +109,10 @@ class JobCreate(Strict):
         description="A local directory or .gguf inside the model roots, a hub id, zoo:NAME or factory:NAME.")
     formats: list[FormatName] = Field(min_length=1, max_length=32, description="Candidate formats, e.g. int4_g128.")
     metric: str = Field("fisher_mse", description=f"Sensitivity metric: {', '.join(sorted(METRICS))}. fisher_mse "
-                        "predicts each cell's KL; output_mse suits modules whose outputs are not logits.")
-    solver: str = Field("dp", description=f"Solver for the point at the budget: {', '.join(_solvers())}.")
+                        "predicts each cell's KL; output_mse suits modules whose outputs are not logits.",
+                        json_schema_extra={"enum": sorted(METRICS)})
+    solver: str = Field("dp", description=f"Solver for the point at the budget: {', '.join(_solvers())}.",
+                        json_schema_extra={"enum": _solvers()})
     method: Literal["rtn", "gptq"] = "rtn"
     budgets: BudgetsIn = Field(default_factory=BudgetsIn)
     points: int = Field(32, ge=2, le=512, description="Budgets swept for the front.")

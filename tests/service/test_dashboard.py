@@ -1,10 +1,12 @@
 """The dashboard in a real browser: headless Chromium (through Selenium) over a running server.
 
-One server runs one finished job and one failed job; the browser enters the token, opens the
-job, hovers and clicks front points, checks the heatmap against the API's point detail,
-compares two points, downloads the JSON configuration and saves a screenshot. The screenshot
-goes to the test's tmp dir, and also to ``$BITALLOC_SCREENSHOT_DIR/dashboard.png`` when that is
-set (``BITALLOC_SCREENSHOT_DIR=bench/results`` refreshes the README's picture).
+One server runs one finished job and one failed job; the browser enters the token, submits a
+job the schema rejects (and sees why) and a valid one through the "New job" form (and follows
+it to its end in the list), opens the finished job, hovers and clicks front points, checks the
+heatmap against the API's point detail, compares two points, downloads the JSON configuration
+and saves a screenshot. The screenshot goes to the test's tmp dir, and also to
+``$BITALLOC_SCREENSHOT_DIR/dashboard.png`` when that is set
+(``BITALLOC_SCREENSHOT_DIR=bench/results`` refreshes the README's picture).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and ``selenium``.
 """
@@ -23,16 +25,17 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.schemas import JobCreate
 from service.settings import Settings
 from service.worker import LocalWorkers
 
-from service_helpers import bearer, job_body, uvicorn_server
+from service_helpers import FORMATS, bearer, job_body, uvicorn_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -152,8 +155,11 @@ def test_the_dashboard_in_a_browser(server, browser, tmp_path):
     sign_in(driver, base_url, secret)
     for job_id in ids.values():
         wait_for(driver, row("queued", job_id) + " [role=progressbar]")
+    check_rejected_job(driver, client)
+    submitted = check_submitted_job(driver, client, set(ids.values()))
     start_workers()
     wait_for(driver, row("failed", ids["bad"]), timeout=60)
+    wait_for(driver, row("succeeded", submitted) + ".selected", timeout=90)
     wait_for(driver, row("succeeded", ids["good"]) + " a.job-link", timeout=90).click()
 
     job_id = ids["good"]
@@ -197,6 +203,54 @@ def test_the_dashboard_in_a_browser(server, browser, tmp_path):
     driver.execute_script("localStorage.setItem('bitalloc.token', 'bat_not-a-token')")
     driver.get(f"{base_url}/dashboard")
     assert "rejected" in wait_for(driver, "#token-form .error").text
+
+
+# The form's fields (by id, without "job-") for the service tests' tiny job; "Advanced" carries the rest.
+FORM = {"model": "factory:tiny-llama", "formats": ", ".join(FORMATS), "budgets-avg-bits": "5", "budgets-bytes": "1024",
+        "metric": "output_mse", "solver": "dp", "method": "rtn", "baseline": ""}
+ADVANCED = {"points": 6, "calibration": {"seq_len": 32, "samples": 4}, "evaluation": {"windows": 2}}
+
+
+def fill_job_form(driver, fields: dict[str, str], advanced: dict) -> None:
+    """Open "New job" if it is closed, fill it in and submit it."""
+    if wait_for(driver, "#new-job").get_attribute("open") is None:
+        driver.find_element(By.CSS_SELECTOR, "#new-job summary").click()
+    for name, value in fields.items():
+        element = wait_for(driver, f"#job-{name}")
+        if element.tag_name == "select":
+            Select(element).select_by_value(value)
+        else:
+            element.clear()
+            element.send_keys(value)
+    textarea = driver.find_element(By.ID, "job-advanced")
+    textarea.clear()
+    textarea.send_keys(json.dumps(advanced))
+    driver.find_element(By.CSS_SELECTOR, "#job-form button[type=submit]").click()
+
+
+def check_rejected_job(driver, client: httpx.Client) -> None:
+    """A budget the schema rejects: the server's 422 is shown by the form (field and reason), and no job is made."""
+    before = client.get("/v1/jobs").json()["total"]
+    fill_job_form(driver, {**FORM, "budgets-avg-bits": "40"}, ADVANCED)
+    errors = wait_for(driver, "#job-errors:not([hidden])")
+    assert errors.text == "budgets.avg_bits: Input should be less than or equal to 32"
+    assert driver.find_element(By.ID, "job-budgets-avg-bits").get_attribute("aria-invalid") == "true"
+    assert driver.find_element(By.ID, "job-model").get_attribute("aria-invalid") is None
+    for control in driver.find_elements(By.CSS_SELECTOR, "#job-form input, #job-form select, #job-form textarea"):
+        assert driver.find_elements(By.CSS_SELECTOR, f'#job-form label[for="{control.get_attribute("id")}"]')
+    assert client.get("/v1/jobs").json()["total"] == before
+
+
+def check_submitted_job(driver, client: httpx.Client, existing: set[str]) -> str:
+    """A valid job: stored as the same request over REST would be, then listed and selected; returns its id."""
+    fill_job_form(driver, FORM, ADVANCED)
+    job_id = wait_for(driver, "#jobs tr.selected").get_attribute("data-job-id")
+    assert job_id not in existing
+    assert not driver.find_element(By.ID, "job-errors").is_displayed()
+    assert job_id[:8] in driver.find_element(By.CSS_SELECTOR, "#job-form .status").text
+    expected = JobCreate.model_validate(job_body(budgets={"avg_bits": 5.0, "bytes": 1024 * 2**20}))
+    assert client.get(f"/v1/jobs/{job_id}").json()["spec"] == expected.model_dump(mode="json")
+    return job_id
 
 
 def check_another_export(driver, client: httpx.Client, downloads: Path) -> None:

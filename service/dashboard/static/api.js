@@ -14,6 +14,7 @@ export class ApiError extends Error {
   constructor(status, detail) {
     super(describe(detail) || `HTTP ${status}`);
     this.status = status;
+    this.detail = detail;
   }
 }
 

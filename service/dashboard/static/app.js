@@ -1,10 +1,11 @@
-// The dashboard: a token screen, the jobs list (#/) and a job page (#/jobs/ID) with the front,
-// its points, the selected point's allocation, a comparison, downloads and artifact builds.
+// The dashboard: a token screen, the jobs list with the "New job" form (#/) and a job page (#/jobs/ID)
+// with the front, its points, the selected point's allocation, a comparison, downloads and artifact builds.
 
 import {api, token} from "./api.js";
 import {drawFront, X_AXES, Y_AXES} from "./chart.js";
 import {fmtBytes, fmtNumber, fmtSeconds, fmtTime, h, progressBar, show} from "./dom.js";
 import {comparison, formatColours, formatLegend, heatmap} from "./heatmap.js";
+import {newJobCard} from "./jobform.js";
 import {loadExports, pointPanel} from "./point.js";
 
 const main = document.getElementById("main");
@@ -13,7 +14,7 @@ const ACTIVE = ["queued", "running"];
 let view = 0; // bumped on every route: pollers of an older view stop
 
 function later(gen, seconds, task) {
-  setTimeout(() => { if (gen === view) task().catch(fail); }, seconds * 1000);
+  return setTimeout(() => { if (gen === view) task().catch(fail); }, seconds * 1000);
 }
 
 function fail(error) {
@@ -65,8 +66,10 @@ function progressCell(job) {
   return progressBar(percent, label);
 }
 
-function jobRow(job) {
-  return h("tr", {"data-job-id": job.id, "data-state": job.state},
+function jobRow(job, selectedId) {
+  const selected = job.id === selectedId;
+  return h("tr", {"data-job-id": job.id, "data-state": job.state, class: selected && "selected",
+                  "aria-current": selected && "true"},
     h("td", {}, h("a", {href: `#/jobs/${job.id}`, class: "job-link", text: job.id.slice(0, 8)})),
     h("td", {text: job.spec.model}),
     h("td", {class: "formats", text: (job.spec.formats || []).join(", ")}),
@@ -76,22 +79,43 @@ function jobRow(job) {
     h("td", {class: "num", text: fmtSeconds(job.seconds)}));
 }
 
-function jobsTable(list) {
+function jobsTable(list, selectedId) {
   if (!list.items.length) {
     return h("div", {class: "card"}, h("h2", {text: "Jobs"}),
-      h("p", {class: "empty"}, "No jobs for this token yet. Submit one with ", h("code", {text: "POST /v1/jobs"}),
-        " (see ", h("a", {href: "/v1/docs", text: "the API docs"}), ")."));
+      h("p", {class: "empty"}, "No jobs for this token yet. Submit one with New job above, or with ",
+        h("code", {text: "POST /v1/jobs"}), " (see ", h("a", {href: "/v1/docs", text: "the API docs"}), ")."));
   }
   const head = ["job", "model", "formats", "state", "progress", "submitted", "took"].map((t) => h("th", {text: t}));
   return h("div", {class: "card"}, h("h2", {text: `Jobs (${list.total})`}),
-    h("table", {class: "jobs"}, h("thead", {}, h("tr", {}, head)), h("tbody", {}, list.items.map(jobRow))));
+    h("table", {class: "jobs"}, h("thead", {}, h("tr", {}, head)),
+      h("tbody", {}, list.items.map((job) => jobRow(job, selectedId)))));
+}
+
+/** Redraw the jobs table now and then every second while a job is active, else every 10 s; a newer call wins. */
+function jobsPoller(gen, box, state) {
+  let seq = 0;
+  let timer;
+  const refresh = async () => {
+    const mine = ++seq;
+    const list = await api("/v1/jobs?limit=100");
+    if (gen !== view || mine !== seq) return;
+    show(box, jobsTable(list, state.selectedId));
+    clearTimeout(timer);
+    timer = later(gen, list.items.some((j) => ACTIVE.includes(j.state)) ? 1 : 10, refresh);
+  };
+  return refresh;
 }
 
 async function jobsPage(gen) {
-  const list = await api("/v1/jobs?limit=100");
-  if (gen !== view) return;
-  show(main, jobsTable(list));
-  later(gen, list.items.some((j) => ACTIVE.includes(j.state)) ? 1 : 10, () => jobsPage(gen));
+  const state = {selectedId: null};
+  const box = h("div", {id: "jobs"});
+  const refresh = jobsPoller(gen, box, state);
+  const onCreated = (job) => {
+    state.selectedId = job.id;
+    refresh().catch(fail);
+  };
+  show(main, newJobCard({onCreated, onFail: fail}), box);
+  await refresh();
 }
 
 // ---- job page -------------------------------------------------------------------------------
