@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ class Evaluation:
     reference_perplexity: float
     bytes: int | None = None
     avg_bits: float | None = None
+    window_kl: tuple[float, ...] = ()  # the KL of each window alone: how much of ``kl`` one window carries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,8 +158,9 @@ class Evaluator:
         """Score the model as it is now (wrap in ``applied(...)`` to score an allocation)."""
         start = time.perf_counter()
         inputs = self.windows.inputs if max_windows is None else self.windows.inputs[:max_windows]
-        nll = reference_nll = kl = agree = 0.0
+        nll = reference_nll = agree = 0.0
         count = 0
+        window_kl: list[float] = []
         with torch.no_grad():
             for index, batch in enumerate(inputs.split(self.batch_size)):
                 reference = self.reference_log_probs(index, batch)
@@ -165,11 +168,12 @@ class Evaluator:
                 targets = batch[:, 1:].unsqueeze(-1)
                 nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
                 reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
-                kl += float(kl_sum(reference, log_probs))
+                window_kl += [float(kl_sum(r, q)) / r.shape[0] for r, q in zip(reference, log_probs)]
                 agree += float((reference.argmax(-1) == log_probs.argmax(-1)).sum())
                 count += targets.numel()
-        return Evaluation(math.exp(nll / count), max(kl / count, 0.0), agree / count, count,
-                          round(time.perf_counter() - start, 3), math.exp(reference_nll / count))
+        kl = max(math.fsum(window_kl) / len(window_kl), 0.0)  # every window has the same length
+        return Evaluation(math.exp(nll / count), kl, agree / count, count, round(time.perf_counter() - start, 3),
+                          math.exp(reference_nll / count), window_kl=tuple(window_kl))
 
     def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
                  hessians: Mapping[str, torch.Tensor] | None = None, units: UnitSet | None = None,
@@ -211,6 +215,13 @@ class MeasuredKL:
         self.window = evaluator.windows.inputs.shape[-1]
 
     def __call__(self, allocation: object, samples: int) -> float:
+        return self.measure(allocation, samples).kl
+
+    def per_window(self, allocation: object, samples: int) -> np.ndarray:
+        """The KL of each window measured (``search.WindowedEvaluator``): their mean is ``__call__``'s."""
+        return np.asarray(self.measure(allocation, samples).window_kl)
+
+    def measure(self, allocation: object, samples: int) -> Evaluation:
         windows = min(max(1, math.ceil(samples / self.window)), len(self.evaluator.windows.inputs))
         formats = allocation.formats  # type: ignore[attr-defined]  (a search.Allocation; quant does not import search)
-        return self.evaluator.evaluate(formats, method=self.method, hessians=self.hessians, max_windows=windows).kl
+        return self.evaluator.evaluate(formats, method=self.method, hessians=self.hessians, max_windows=windows)

@@ -11,7 +11,7 @@ Pure numpy + OR-Tools + pymoo + Optuna; knows nothing of models. Build a
 from search.allocation import Allocation
 from search.budgets import Budgets, Metric
 from search.errors import InfeasibleBudget, SearchError
-from search.evaluators import Evaluator, SampledEvaluator
+from search.evaluators import Evaluator, SampledEvaluator, WindowedEvaluator
 from search.front import Front
 from search.pareto import hypervolume, non_dominated
 from search.problem import Problem
@@ -23,5 +23,5 @@ from search.target import smallest_within
 __all__ = [
     "Allocation", "Budgets", "Evaluator", "Front", "InfeasibleBudget", "Metric", "Problem",
     "SOLVERS", "SampledEvaluator", "SearchError", "Solver", "front", "get_solver", "hypervolume",
-    "non_dominated", "refine_front", "register", "smallest_within", "solve",
+    "WindowedEvaluator", "non_dominated", "refine_front", "register", "smallest_within", "solve",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 from search.allocation import Allocation
 
 
@@ -29,3 +31,13 @@ class SampledEvaluator(Protocol):
     """
 
     def __call__(self, allocation: Allocation, samples: int) -> float: ...
+
+
+class WindowedEvaluator(SampledEvaluator, Protocol):
+    """A sampled evaluator that can also give its measurement window by window (e.g. the KL of
+    each text window), so a search can ask whether a difference between two allocations is
+    consistent across the sample or carried by one window: a paired test instead of a bare
+    comparison of means, which is what keeps a search from fitting the noise of few windows.
+    """
+
+    def per_window(self, allocation: Allocation, samples: int) -> np.ndarray: ...

@@ -1,3 +1,6 @@
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +101,21 @@ def test_measured_kl_scores_the_windows_its_sample_count_covers(tiny_llama):
     measured = MeasuredKL(evaluator)
     assert measured(allocation, 33) == evaluator.evaluate(allocation.formats, max_windows=2).kl
     assert measured(allocation, 10_000) == evaluator.evaluate(allocation.formats).kl
+
+
+def test_window_kl_is_each_window_scored_alone(tiny_llama):
+    """The per-window KLs (what a paired test over windows reads) average to the KL, and each is
+    what an evaluator holding that one window measures."""
+    from quant.evaluate import MeasuredKL
+
+    windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=3)
+    allocation = uniform(enumerate_units(tiny_llama.module).weights, "int2_g32")
+    result = Evaluator(tiny_llama, windows, batch_size=2).evaluate(allocation)
+    assert len(result.window_kl) == 3 and np.mean(result.window_kl) == pytest.approx(result.kl, rel=1e-12)
+    assert len(set(result.window_kl)) == 3  # different text, different KL
+    for index in range(3):
+        alone = replace(windows, inputs=windows.inputs[index:index + 1])
+        assert Evaluator(tiny_llama, alone).evaluate(allocation).kl == pytest.approx(result.window_kl[index], rel=1e-6)
+    measured = MeasuredKL(Evaluator(tiny_llama, windows, batch_size=2))
+    formats = type("A", (), {"formats": allocation})()
+    assert measured.per_window(formats, 40).tolist() == pytest.approx(list(result.window_kl[:2]), rel=1e-9)

@@ -13,7 +13,7 @@ from search.baselines import UnitInfo, hawq_v3, nncf_ratio, primary_prefix, resc
 
 def tiny(seed: int = 0, ties=()) -> Problem:
     rng = np.random.default_rng(seed)
-    units, formats = 5, 3
+    units = 5
     numel = rng.integers(50, 500, units)
     bits = np.array([2, 4, 8])
     size = (numel[:, None] * bits[None, :]) // 8

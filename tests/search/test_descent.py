@@ -78,6 +78,66 @@ def test_descent_finds_the_interaction_the_proxy_cannot_see() -> None:
     assert result.info["iterations"][0]["accepted"] in (0.1, 0.3, 1.0)
 
 
+class ByWindow:
+    """A measurement window by window: ``base(allocation)`` in every window, plus ``gain`` per
+    window for every allocation other than ``start`` (a move's effect as four texts see it)."""
+
+    def __init__(self, base, start: Allocation, gain: list[float]) -> None:
+        self.base, self.start, self.gain = base, start, np.asarray(gain)
+
+    def per_window(self, allocation: Allocation, samples: int) -> np.ndarray:
+        moved = allocation.choice != self.start.choice
+        return self.base(allocation) + (self.gain if moved else 0.0) + np.zeros(len(self.gain))
+
+    def __call__(self, allocation: Allocation, samples: int) -> float:
+        return float(self.per_window(allocation, samples).mean())
+
+
+@pytest.mark.parametrize("gain, confidence, moves", [
+    ([-3.0, 0.5, 0.5, 0.5], 0.95, False),  # lower on average, by one window only: noise a search would fit
+    ([-3.0, 0.5, 0.5, 0.5], None, True),  # a bare comparison of means takes it
+    ([-1.0, -0.9, -1.1, -0.95], 0.95, True),  # lower in every window: taken
+])
+def test_a_step_must_be_lower_across_the_windows(gain, confidence, moves) -> None:
+    problem = small_model()
+    budgets = Budgets(max_avg_bits=5.0)
+    start = solve(problem, budgets)
+    evaluate = ByWindow(lambda a: 10.0, start, gain)
+    rng = np.random.default_rng(0)
+    result = solve(problem, budgets, solver="descent", evaluator=evaluate, samples=4, iterations=1, confidence=confidence,
+                   linear=lambda a: rng.normal(size=problem.error.shape) * problem.error.max())
+    step = result.info["iterations"][0]
+    assert step["candidates"]  # the random local model did propose moves
+    assert (result.choice != start.choice) == moves == ("accepted" in step)
+    assert result.measured == pytest.approx(10.0 + np.mean(gain) if moves else 10.0)
+    if confidence is not None:
+        assert (step["p_value"] < 1 - confidence) == moves
+
+
+def test_descent_finds_the_interaction_through_a_paired_test() -> None:
+    """The interaction test again, measured on four windows that see it with a little noise
+    each: consistent gains pass the paired test, so descent still closes most of the gap."""
+    problem = small_model(units=6)
+    signs = np.random.default_rng(3).normal(size=problem.error.shape) * [2.0, 1.0, 0.3, 0.0]
+    truth = interacting(problem, signs, weight=20 * float(np.median(problem.error[problem.error > 0])))
+    budgets = Budgets(max_avg_bits=5.0)
+    start = solve(problem, budgets)
+
+    class Noisy:
+        def per_window(self, allocation: Allocation, samples: int) -> np.ndarray:
+            jitter = np.random.default_rng(list(allocation.choice)).normal(size=4)
+            return truth(allocation) * (1 + 0.01 * jitter)
+
+        def __call__(self, allocation: Allocation, samples: int) -> float:
+            return float(self.per_window(allocation, samples).mean())
+
+    result = solve(problem, budgets, solver="descent", evaluator=Noisy(), linear=coordinate_model(problem, truth),
+                   samples=4, steps=(0.1, 0.3, 1.0), iterations=5)
+    every = (Allocation.of(problem, c) for c in itertools.product(range(4), repeat=problem.n_units))
+    best = min(truth(a) for a in every if a.avg_bits <= 5.0 + 1e-9)
+    assert truth(result) <= best + 0.2 * (truth(start) - best)
+
+
 def test_descent_stops_where_no_step_helps() -> None:
     problem = small_model()
     budgets = Budgets(max_avg_bits=5.0)
@@ -89,7 +149,8 @@ def test_descent_stops_where_no_step_helps() -> None:
 
 
 @pytest.mark.parametrize("options, message", [({"steps": ()}, "steps"), ({"steps": (0.3, -1.0)}, "steps"),
-                                              ({"iterations": 0}, "iterations"), ({"samples": 0}, "samples")])
+                                              ({"iterations": 0}, "iterations"), ({"samples": 0}, "samples"),
+                                              ({"confidence": 1.0}, "confidence"), ({"confidence": 0.0}, "confidence")])
 def test_descent_rejects_bad_options(options, message) -> None:
     with pytest.raises(ValueError, match=message):
         solve(small_model(), Budgets(), solver="descent", **{"evaluator": lambda a, n: 0.0, "linear": lambda a: 0,
