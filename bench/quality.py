@@ -15,8 +15,11 @@ bits and bytes, and the method's wall time. Then:
   (tied only, for runtimes that fuse q/k/v and gate/up; anything, for runtimes that store
   tensors apart), and whether its KL is at least 30 % lower;
 - the KV cache in the same memory budget at two context lengths (``--kv-contexts``);
-- accuracy-target mode: bisection over the front by KL measured on calibration text,
-  checked on the evaluation split.
+- accuracy-target mode: bisection over the front by the 95 % upper bound of KL measured
+  window by window on the tuning text, checked on the evaluation split.
+
+Measured search (descent, refinement, the accuracy target) scores on ``--fitness-source``
+(default ``zoo:tuning``: speeches and a novel, like the evaluation split, never it).
 
 Prints tables, writes ``bench/results/quality.json`` and draws ``bench/results/quality.png``
 (KL against average bits, one line per method). ``--quick`` runs a small smoke version.
@@ -67,6 +70,8 @@ FORMATS = ("int2_g128", "int3_g128", "int4_g128", "int5_g128", "int6_g128", "int
 WIDTHS = ("int2_g128", "int3_g128", "int4_g128", "int5_g128", "int6_g128", "int8_g128")
 HEADLINE = "bitalloc fisher_mse+dp"
 HEADLINE_UNTIED = "bitalloc fisher_mse+dp (untied)"
+DESCENT = "bitalloc fisher_mse+dp+descent"
+DESCENT_UNTIED = "bitalloc fisher_mse+dp+descent (untied)"
 PROXIES = ("fisher_mse", "output_mse")
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -110,8 +115,8 @@ class Bench:
         self.calibration = calibration_tokens(tokenizer, "zoo:calibration", seq_len=args.seq_len,
                                               count=args.calibration_windows, seed=0)
         self.windows = evaluation_tokens(tokenizer, "zoo:evaluation", seq_len=args.seq_len, max_windows=args.eval_windows)
-        # Fitness text for measured search: calibration text at other random offsets, never the evaluation split.
-        self.fitness = calibration_tokens(tokenizer, "zoo:calibration", seq_len=args.seq_len,
+        # Fitness text for measured search: the tuning split by default, never the evaluation split.
+        self.fitness = calibration_tokens(tokenizer, args.fitness_source, seq_len=args.seq_len,
                                           count=args.fitness_windows, seed=1)
         self.cache = QuantizedWeights(args.weight_cache_gb * 1e9)
         self.evaluator = Evaluator(self.model, self.windows)
@@ -184,6 +189,15 @@ class Bench:
         """The last point scored for a method at a target: where a measured search started."""
         return next(p for p in reversed(self.points) if p.quantizer == quantizer and p.family == family and p.target == target)
 
+    def resume(self, quantizer: str, label: str) -> Point | None:
+        """The checkpointed point of a measured search, taken as it is (its allocation is not
+        solved again: that is the expensive part); None when it must be run."""
+        point = self.done.get((quantizer, label))
+        if point is not None:
+            self.points.append(point)
+            self.resumed += 1
+        return point
+
     def respects_ties(self, allocation: Allocation) -> bool:
         """Whether every tie group's units share one format (deployable where they are fused)."""
         formats = allocation.formats
@@ -205,6 +219,12 @@ class Bench:
         self.checkpoint.write_text(json.dumps([asdict(p) for p in kept.values()], indent=0))
         log(f"  {quantizer:<5}{label:<40}{point.avg_bits:>7.3f} b  KL {point.kl:.4f}  ppl {point.perplexity:.2f}")
         return point
+
+
+def budget_label(bits: float) -> str:
+    """A budget as a label names it: exact to the 4 decimals points' bits are kept to, so two
+    budgets (a target of 5 and a baseline's 4.9999) are never one checkpointed point."""
+    return f"{round(bits, 4):g}"
 
 
 def printing_progress(done: int, total: int, phase: str) -> None:
@@ -234,7 +254,7 @@ def run_headline_at(bench: Bench, quantizer: str, bits: list[float], ties: bool 
     family, suffix = (HEADLINE, "") if ties else (HEADLINE_UNTIED, " untied")
     done = {p.label for p in bench.points if p.family == family and p.quantizer == quantizer}
     for b in sorted(set(bits)):
-        label = f"fisher_mse+dp @{b:.3f}{suffix}"  # bits that round alike (6 and 5.9999) are one point
+        label = f"fisher_mse+dp @{budget_label(b)}{suffix}"
         if label in done:
             continue
         done.add(label)
@@ -251,8 +271,8 @@ def run_nsga2(bench: Bench, quantizer: str, targets: list[float]) -> None:
 
 
 def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]:
-    """Measured refinement from the headline allocation, by KL on calibration text at other
-    offsets than the profile's (growing sample counts), judged on the evaluation split."""
+    """Measured refinement from the headline allocation, by KL on the fitness text (growing
+    sample counts), judged on the evaluation split."""
     problem = problem_of(bench.profile("fisher_mse", quantizer))
     window = bench.args.seq_len
     fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=bench.hessians_for(quantizer))  # type: ignore[arg-type]
@@ -275,30 +295,54 @@ def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]
 
 
 def run_descent(bench: Bench, quantizer: str, targets: list[float], ties: bool = True) -> list[dict]:
-    """Measured descent from the headline allocation: proximal steps on the KL's gradient at
-    the current point (on calibration windows), each kept only if its KL on the fitness
-    windows is lower; judged on the evaluation split."""
-    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
-    hessians = bench.hessians_for(quantizer)
-    fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
-    linear = KLGradient(bench.gradient_evaluator, problem.unit_names, problem.format_names, problem.allowed,
-                        method=quantizer, hessians=hessians)  # type: ignore[arg-type]
-    family, suffix = ("bitalloc fisher_mse+dp+descent", "") if ties else ("bitalloc fisher_mse+dp+descent (untied)", " untied")
-    start_family = HEADLINE if ties else HEADLINE_UNTIED
+    """Measured descent from the headline allocation at each target: proximal steps on the KL's
+    gradient at the current point (on calibration windows), each kept only if its KL on the
+    fitness windows is lower by a paired test over them; judged on the evaluation split."""
+    return [descend_at(bench, quantizer, t, ties) for t in targets]
+
+
+def run_descent_where_missed(bench: Bench, quantizer: str, band: tuple[float, float]) -> list[dict]:
+    """Descent at the bits of every baseline point the goal still misses, on its runtime (tied
+    where fused units must share a format): a user comparing with, say, Q6_K asks for Q6_K's
+    bits, not for the nearest round target. Skipped where a descent point already sits at
+    those bits or just below."""
     rows = []
-    for target in targets:
-        budgets = Budgets(max_avg_bits=target)
+    misses = {(r["bits"], r["runtime"] == "fused") for r in goal_rows(bench, band)
+              if r["quantizer"] == quantizer and not r["holds"]}
+    for bits, ties in sorted(misses):
+        family = DESCENT if ties else DESCENT_UNTIED
+        if any(p.quantizer == quantizer and p.family == family and bits - 0.01 <= p.target <= bits + 1e-9
+               for p in bench.points):
+            continue
+        rows.append(descend_at(bench, quantizer, bits, ties))
+    return rows
+
+
+def descend_at(bench: Bench, quantizer: str, bits: float, ties: bool) -> dict:
+    """One descent from the headline allocation at ``bits`` (scored there before), scored; a
+    checkpointed point is reused without solving again. Returns its row of the descent table."""
+    family, start_family = (DESCENT, HEADLINE) if ties else (DESCENT_UNTIED, HEADLINE_UNTIED)
+    label = f"descent @{budget_label(bits)}{'' if ties else ' untied'}"
+    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
+    budgets = Budgets(max_avg_bits=bits)
+    before = bench.latest(quantizer, start_family, bits)
+    after = bench.resume(quantizer, label)
+    if after is None:
+        hessians = bench.hessians_for(quantizer)
+        fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
+        linear = KLGradient(bench.gradient_evaluator, problem.unit_names, problem.format_names, problem.allowed,
+                            method=quantizer, hessians=hessians)  # type: ignore[arg-type]
         solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=solve(problem, budgets),
                             samples=len(bench.fitness.inputs) * bench.args.seq_len, iterations=bench.args.descent_iterations)
         result, seconds = timed(lambda: solver.solve(problem, budgets))
-        before = bench.latest(quantizer, start_family, target)
-        steps = [it.get("accepted") for it in result.info["iterations"]]
-        after = bench.score(result, quantizer, family, f"descent @{target:g}{suffix}", target, seconds,
-                            {"fitness_start": result.info["start_measured"], "fitness_end": result.measured, "steps": steps})
-        rows.append({"quantizer": quantizer, "target": target, "ties": ties, "fitness_start": result.info["start_measured"],
-                     "fitness_end": result.measured, "eval_start": before.kl, "eval_end": after.kl, "steps": steps,
-                     "seconds": round(seconds, 1)})
-    return rows
+        iterations = result.info["iterations"]
+        after = bench.score(result, quantizer, family, label, bits, seconds,
+                            {"fitness_start": result.info["start_measured"], "fitness_end": result.measured,
+                             "steps": [it.get("accepted") for it in iterations],
+                             "p_values": [it.get("p_value") for it in iterations]})
+    return {"quantizer": quantizer, "target": bits, "ties": ties, "fitness_start": after.info["fitness_start"],
+            "fitness_end": after.info["fitness_end"], "eval_start": before.kl, "eval_end": after.kl,
+            "steps": after.info["steps"], "p_values": after.info.get("p_values"), "seconds": after.seconds}
 
 
 KV_FORMATS = ("int2_g128", "int4_g128", "int8_g128", "bf16")
@@ -369,17 +413,19 @@ def run_kv(bench: Bench) -> list[dict]:
 
 
 def run_target(bench: Bench, targets: list[float]) -> list[dict]:
-    """Accuracy-target mode: the smallest allocation whose KL, measured on calibration text
-    at the search's bisection steps, meets the target; then its KL on the evaluation split."""
+    """Accuracy-target mode: the smallest allocation whose KL, measured window by window on
+    the fitness text at the search's bisection steps, meets the target with 95 % confidence;
+    then its KL on the evaluation split."""
     problem = problem_of(bench.profile("fisher_mse", "rtn"))
     fitness = MeasuredKL(bench.fitness_evaluator)
     samples = len(bench.fitness.inputs) * bench.args.seq_len
     rows = []
     for target in targets:
-        allocation, seconds = timed(lambda: smallest_within(problem, target, evaluator=lambda a: fitness(a, samples),
+        allocation, seconds = timed(lambda: smallest_within(problem, target, evaluator=lambda a: fitness.per_window(a, samples),
                                                             steps=bench.args.target_steps))
         point = bench.score(allocation, "rtn", "accuracy target", f"KL <= {target:g}", None, seconds)
         rows.append({"target_kl": target, "avg_bits": point.avg_bits, "calibration_kl": allocation.measured,
+                     "calibration_bound": allocation.info["measured_bound"],
                      "evaluation_kl": point.kl, "holds": point.kl <= target, "seconds": round(seconds, 1)})
     return rows
 
@@ -515,7 +561,7 @@ def print_tables(result: dict) -> None:
         print(f"{r['runtime']:<8}{r['quantizer']:<5}{r['baseline']:<36}{r['bits']:>7.3f}{r['baseline_kl']:>9.4f}{r['headline_kl']:>13.4f}"
               f"{r['headline_ratio']:>7.2f}{r['best_kl']:>9.4f}{r['best_ratio']:>7.2f}  {'yes' if r['holds'] else 'NO'}")
     if result["refine"]:
-        print("\nMeasured refinement (fitness: KL on calibration text; judged on the evaluation split)")
+        print("\nMeasured refinement (fitness: KL on tuning text; judged on the evaluation split)")
         for r in result["refine"]:
             print(f"{r['quantizer']:<5}@{r['target']:<5} fitness {r['fitness_start']:.4f} -> {r['fitness_end']:.4f}   "
                   f"evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   {r['evaluations']} evaluations, {r['seconds']} s")
@@ -523,36 +569,42 @@ def print_tables(result: dict) -> None:
         print("\nMeasured descent (gradient on calibration windows, accepted by KL on fitness windows, judged on evaluation)")
         for r in result["descent"]:
             print(f"{r['quantizer']:<5}@{r['target']:<5}{'tied' if r['ties'] else 'untied':<8} fitness {r['fitness_start']:.4f} -> "
-                  f"{r['fitness_end']:.4f}   evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   steps {r['steps']}  {r['seconds']} s")
+                  f"{r['fitness_end']:.4f}   evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   steps {r['steps']}"
+                  f"  p {r.get('p_values')}  {r['seconds']} s")
     if result["kv"]:
         print("\nKV cache in the same memory budget (weights + KV at the context; KL measured on 512-token windows)")
         for r in result["kv"]:
             print(f"ctx {r['context']:>6}  memory {r['memory'] / 2**20:8.1f} MiB  {r['allocation']:<26} KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                   f"  weights {r['weight_avg_bits']:5.2f} b  KL {r['kl']:.4f}  KV formats {','.join(r['kv_formats'])}")
     if result["target"]:
-        print("\nAccuracy-target mode (bisection by KL measured on calibration text)")
+        print("\nAccuracy-target mode (bisection by the 95 % upper bound of KL measured on fitness windows)")
         for r in result["target"]:
-            print(f"target KL {r['target_kl']:<6} -> {r['avg_bits']:.3f} bits, calibration KL {r['calibration_kl']:.4f}, "
+            print(f"target KL {r['target_kl']:<6} -> {r['avg_bits']:.3f} bits, calibration KL {r['calibration_kl']:.4f} "
+                  f"(bound {r.get('calibration_bound', r['calibration_kl']):.4f}), "
                   f"evaluation KL {r['evaluation_kl']:.4f}  {'holds' if r['holds'] else 'MISSED'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--quantizers", default="rtn,gptq")
+    parser.add_argument("--quantizers", default="rtn,gptq", help="'' runs only the KV and target parts")
     parser.add_argument("--targets", default="3.5,4,4.5,5,5.5,6")
     parser.add_argument("--band", default="0.01,1.0", help="the KL range whose baseline points the goal covers")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--fitness-windows", type=int, default=8)
+    parser.add_argument("--fitness-source", default="zoo:tuning",
+                        help="text measured search scores on (speeches and a novel, like the evaluation split)")
     parser.add_argument("--trace-windows", type=int, default=4)
     parser.add_argument("--trace-tokens", type=int, default=256)
     parser.add_argument("--trace-samples", type=int, default=8)
     parser.add_argument("--refine-targets", default="4.5,5", help="RTN targets for the measured refinement ('' skips)")
     parser.add_argument("--descent-targets", default="4,4.5,5,5.5", help="targets for measured descent ('' skips)")
     parser.add_argument("--descent-quantizers", default="rtn,gptq", help="quantizers to run descent for")
-    parser.add_argument("--descent-iterations", type=int, default=2)
+    parser.add_argument("--descent-iterations", type=int, default=4)
+    parser.add_argument("--descent-misses", action=argparse.BooleanOptionalAction, default=True,
+                        help="also descend at the bits of every baseline point the goal misses after the targets")
     parser.add_argument("--gradient-windows", type=int, default=8, help="calibration windows for descent's gradients")
     parser.add_argument("--refine-generations", type=int, default=8)
     parser.add_argument("--refine-offspring", type=int, default=8)
@@ -586,7 +638,7 @@ def main() -> None:
     started = time.perf_counter()
     bench = Bench(args)
     refine, descent, phases = [], [], {}
-    for quantizer in args.quantizers.split(","):
+    for quantizer in filter(None, args.quantizers.split(",")):  # '' runs only the parts after them
         clock = time.perf_counter()
         run_baselines(bench, quantizer, targets)
         run_proxies(bench, quantizer, targets if quantizer == "rtn" else [])
@@ -601,6 +653,8 @@ def main() -> None:
         if quantizer in args.descent_quantizers.split(","):
             for ties in (True, False) if quantizer == "rtn" else (True,):  # untied GPTQ would pass the hour
                 descent += run_descent(bench, quantizer, floats(args.descent_targets), ties=ties)
+            if args.descent_misses:
+                descent += run_descent_where_missed(bench, quantizer, tuple(band))
         phases[quantizer] = round(time.perf_counter() - clock, 1)
     kv = run_kv(bench) if args.kv_contexts else []
     target = run_target(bench, floats(args.target_kls))
@@ -609,7 +663,8 @@ def main() -> None:
         scored = {(p.quantizer, p.label) for p in bench.points}
         bench.points[:0] = [Point(**p) for p in earlier["points"] if (p["quantizer"], p["label"]) not in scored]
         refine, kv, target = refine or earlier["refine"], kv or earlier["kv"], target or earlier["target"]
-        descent = descent or earlier.get("descent", [])
+        again = {(r["quantizer"], r["target"], r["ties"]) for r in descent}
+        descent = [r for r in earlier.get("descent", []) if (r["quantizer"], r["target"], r["ties"]) not in again] + descent
         phases = {**{k: v for k, v in earlier["seconds"].items() if k != "this run"}, **phases}
     quantizers = sorted({p.quantizer for p in bench.points}, key=["rtn", "gptq"].index)
     result = {
@@ -622,6 +677,8 @@ def main() -> None:
         "refine": refine, "descent": descent, "kv": kv, "target": target,
         "seconds": {**phases, "this run": round(time.perf_counter() - started, 1)}, "resumed_points": bench.resumed,
     }
+    if earlier is not None:  # the options of every run whose rows this file keeps
+        result["earlier_options"] = earlier.get("earlier_options", []) + [earlier["options"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(bench.points, out.with_suffix(".png"))

@@ -2,7 +2,8 @@
 
 Sources (a string, so a job spec can name one):
 
-* ``zoo:calibration`` / ``zoo:evaluation``: the reference splits built by ``bitalloc zoo build``;
+* ``zoo:calibration`` / ``zoo:evaluation`` / ``zoo:tuning``: the reference splits built by
+  ``bitalloc zoo build``;
 * a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text in the
   ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
 * ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.

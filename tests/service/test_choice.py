@@ -41,7 +41,9 @@ def test_hawq_and_nncf_baselines_meet_their_target(tmp_path, zoo):
 
 def test_measured_kl_budget_returns_an_allocation_that_meets_it_by_measurement(tmp_path, zoo):
     loose = run_job(spec(budgets={"measured_kl": 1e-3}, evaluation=None), profile_dir=tmp_path)
-    assert loose.chosen.measured is not None and loose.chosen.measured <= 1e-3
+    assert loose.chosen.measured is not None
+    # held to the upper bound over the fitness windows, which lies above their mean
+    assert loose.chosen.measured < loose.chosen.info["measured_bound"] <= 1e-3
     cheaper = run_job(spec(budgets={"measured_kl": 10.0}, evaluation=None), profile_dir=tmp_path)
     assert cheaper.chosen.bytes <= loose.chosen.bytes
 
