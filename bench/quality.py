@@ -584,7 +584,8 @@ def print_tables(result: dict) -> None:
                   f"evaluation KL {r['evaluation_kl']:.4f}  {'holds' if r['holds'] else 'MISSED'}")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The bench's options (``bench.additivity`` builds the same bench from them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quantizers", default="rtn,gptq", help="'' runs only the KV and target parts")
@@ -619,7 +620,11 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="keep the points this run does not score again, and the parts it skips, of an existing --out file")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.quick:
         args.quantizers, args.targets, args.eval_windows, args.calibration_windows = "rtn", "4.5,5", 2, 4
         args.fitness_windows, args.refine_targets, args.kv_contexts, args.target_kls = 2, "4.5", "4096", "0.15"
