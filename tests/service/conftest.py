@@ -1,7 +1,8 @@
 """Fixtures for the service: apps on the embedded default or on the real PostgreSQL + Redis.
 
-PostgreSQL tests run in a schema of their own per session (dropped at the end), Redis tests
-on a queue of their own per test, so concurrent runs on one server do not collide.
+PostgreSQL tests run in a schema of their own per session (dropped at the end; per test with
+``own_pg_url``), Redis tests on a queue of their own per test, so concurrent runs on one
+server do not collide.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -16,20 +18,41 @@ from sqlalchemy import create_engine, text
 from service.settings import Settings
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def base_pg_url() -> str:
     base = os.environ.get("BITALLOC_TEST_DATABASE_URL")
     if not base:
         pytest.skip("BITALLOC_TEST_DATABASE_URL is not set")
+    return base
+
+
+@contextmanager
+def schema_of_its_own(base: str) -> Iterator[str]:
+    """A database URL whose tables live in a new schema, dropped afterwards."""
     schema = f"bitalloc_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     separator = "&" if "?" in base else "?"
-    yield f"{base}{separator}options=-csearch_path%3D{schema}"
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    try:
+        yield f"{base}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with schema_of_its_own(base_pg_url()) as url:
+        yield url
+
+
+@pytest.fixture
+def own_pg_url() -> Iterator[str]:
+    """A schema for one test alone: where it asserts on every job (a reaper sees them all),
+    no other test's jobs may be there, whose leases run out when the suite runs slowly."""
+    with schema_of_its_own(base_pg_url()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

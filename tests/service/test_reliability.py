@@ -141,8 +141,8 @@ def test_a_crash_while_storing_results_leaves_no_half_written_front(ctx, monkeyp
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_killed_worker_process_leaves_its_job_retried_not_stuck(queued_settings, monkeypatch, zoo):
-    settings = queued_settings.model_copy(update={"lease_seconds": 2.0})
+def test_a_killed_worker_process_leaves_its_job_retried_not_stuck(queued_settings, own_pg_url, monkeypatch, zoo):
+    settings = queued_settings.model_copy(update={"lease_seconds": 2.0, "database_url": own_pg_url})
     with running_app(settings) as (client, ctx):
         headers = bearer(ctx)
         job_id = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
