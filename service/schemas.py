@@ -59,8 +59,8 @@ class BudgetsIn(Strict):
                                                      "KL units (fisher_mse or kl).")
     error: float | None = Field(None, ge=0, description="Max predicted error in the metric's own units.")
     measured_kl: float | None = Field(None, gt=0, description="Accuracy-target mode: the smallest allocation whose KL, "
-                                      "measured on calibration text, is at most this with 95 % confidence over its "
-                                      "windows (bisection over the front). Alone.")
+                                      "measured on the tuning text (or the job's calibration text), is at most this "
+                                      "with 95 % confidence over its windows (bisection over the front). Alone.")
 
     @field_validator("avg_bits", "latency", "kl", "error", "measured_kl")
     @classmethod

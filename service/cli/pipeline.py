@@ -21,7 +21,8 @@ def run(
     latency: float | None = typer.Option(None, help="Budget: predicted decode latency in seconds."),
     error: float | None = typer.Option(None, help="Budget: predicted error."),
     measured_kl: float | None = typer.Option(None, help="Accuracy target: the smallest allocation whose KL, measured "
-                                                        "on calibration text, is at most this."),
+                                                        "window by window on the tuning text (or the --calibration text), is at most this "
+                                                        "with 95 % confidence."),
     baseline: str | None = typer.Option(None, help="Pick the point by a published rule instead: uniform:FORMAT, "
                                                    "layers:LOW/HIGH, llama.cpp:FTYPE, llama.cpp-plain:FTYPE, hawq_v3, nncf:LOW/HIGH."),
     descend: int = typer.Option(0, help="At most this many measured descent steps from the chosen point: each solves "
