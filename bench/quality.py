@@ -205,9 +205,8 @@ class Bench:
 
     def score(self, allocation: Allocation, quantizer: str, family: str, label: str, target: float | None,
               seconds: float, info: dict | None = None) -> Point:
-        if (quantizer, label) in self.done:
-            self.points.append(replace(self.done[(quantizer, label)], tied=self.respects_ties(allocation)))
-            self.resumed += 1
+        if self.resume(quantizer, label) is not None:
+            self.points[-1] = replace(self.points[-1], tied=self.respects_ties(allocation))
             return self.points[-1]
         result = self.evaluator.evaluate(allocation.formats, method=quantizer, hessians=self.hessians_for(quantizer),  # type: ignore[arg-type]
                                          units=self.units)
@@ -323,11 +322,11 @@ def descend_at(bench: Bench, quantizer: str, bits: float, ties: bool) -> dict:
     checkpointed point is reused without solving again. Returns its row of the descent table."""
     family, start_family = (DESCENT, HEADLINE) if ties else (DESCENT_UNTIED, HEADLINE_UNTIED)
     label = f"descent @{budget_label(bits)}{'' if ties else ' untied'}"
-    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
-    budgets = Budgets(max_avg_bits=bits)
     before = bench.latest(quantizer, start_family, bits)
     after = bench.resume(quantizer, label)
     if after is None:
+        problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
+        budgets = Budgets(max_avg_bits=bits)
         hessians = bench.hessians_for(quantizer)
         fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
         linear = KLGradient(bench.gradient_evaluator, problem.unit_names, problem.format_names, problem.allowed,
