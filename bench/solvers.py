@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from search import Budgets, Front, Problem, get_solver
+from bitalloc.search import Budgets, Front, Problem, get_solver
 
 # name, bits per element, group size (0: one scale per output channel, None: no scale), overhead bytes per group, error multiplier
 FORMATS = [

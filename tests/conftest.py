@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def zoo() -> dict:
     """Build (or reuse) every reference asset; returns their manifests."""
-    from quant.zoo import build
+    from bitalloc.quant.zoo import build
 
     return build(log=lambda _line: None)
 
@@ -16,7 +16,7 @@ def zoo() -> dict:
 @pytest.fixture(scope="session")
 def smollm2(zoo):
     """The real reference LM (SmolLM2-135M), loaded once."""
-    from quant.loading import load_model
+    from bitalloc.quant.loading import load_model
 
     return load_model("zoo:llm")
 
@@ -24,13 +24,13 @@ def smollm2(zoo):
 @pytest.fixture(scope="session")
 def tiny_llama(zoo):
     """A two-layer random Llama with the SmolLM2 tokenizer: for structure, never for quality."""
-    from quant.loading import load_model
+    from bitalloc.quant.loading import load_model
 
     return load_model("factory:tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def digits_cnn(zoo):
-    from quant.loading import load_model
+    from bitalloc.quant.loading import load_model
 
     return load_model("zoo:cnn")

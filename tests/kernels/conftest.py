@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.configs import INTERPRET  # noqa: E402
-from kernels.gemm import _gemm_kernel  # noqa: E402
-from kernels.gemv import _gemv_kernel  # noqa: E402
-from kernels.weights import PackedWeight  # noqa: E402
+from bitalloc.kernels.configs import INTERPRET  # noqa: E402
+from bitalloc.kernels.gemm import _gemm_kernel  # noqa: E402
+from bitalloc.kernels.gemv import _gemv_kernel  # noqa: E402
+from bitalloc.kernels.weights import PackedWeight  # noqa: E402
 
 TUNED_KERNELS = (_gemv_kernel, _gemm_kernel)
 

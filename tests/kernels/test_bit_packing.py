@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.packing import PLANES, pack, packed_nbytes, plane_words, unpack
+from bitalloc.kernels.packing import PLANES, pack, packed_nbytes, plane_words, unpack
 
 BITS = sorted(PLANES)
 

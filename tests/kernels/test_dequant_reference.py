@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.packing import PLANES
-from kernels.weights import Fp8Weight, PackedWeight
+from bitalloc.kernels import reference
+from bitalloc.kernels.packing import PLANES
+from bitalloc.kernels.weights import Fp8Weight, PackedWeight
 
 
 def dequantize_by_hand(codes, scales, offsets, bits, group_size):

@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference
-from kernels.configs import INTERPRET
-from kernels.gemm import gemm
-from kernels.packing import PLANES
-from kernels.weights import Fp8Weight
+from bitalloc.kernels import reference
+from bitalloc.kernels.configs import INTERPRET
+from bitalloc.kernels.gemm import gemm
+from bitalloc.kernels.packing import PLANES
+from bitalloc.kernels.weights import Fp8Weight
 
 BITS = sorted(PLANES)
 GROUPS = [32, 64, 128, None]

@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference
-from kernels.gemv import _CONFIGS, GEMV_MAX_BATCH, _fits_registers, gemv
-from kernels.packing import PLANES
-from kernels.weights import Fp8Weight
+from bitalloc.kernels import reference
+from bitalloc.kernels.gemv import _CONFIGS, GEMV_MAX_BATCH, _fits_registers, gemv
+from bitalloc.kernels.packing import PLANES
+from bitalloc.kernels.weights import Fp8Weight
 
 BITS = sorted(PLANES)
 GROUPS = [32, 64, 128, None]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import kernels.dispatch as dispatch
-from kernels import reference
-from kernels.gemv import GEMV_MAX_BATCH
+import bitalloc.kernels.dispatch as dispatch
+from bitalloc.kernels import reference
+from bitalloc.kernels.gemv import GEMV_MAX_BATCH
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-import kernels.gemm as gemm_module
-import kernels.gemv as gemv_module
-from kernels import reference
-from kernels.configs import INTERPRET
-from kernels.dispatch import quant_matmul
-from kernels.gemv import choose_split_k
-from kernels.packing import PLANES
-from kernels.quant_linear import Fp8Linear, QuantLinear
-from kernels.weights import Fp8Weight
+import bitalloc.kernels.gemm as gemm_module
+import bitalloc.kernels.gemv as gemv_module
+from bitalloc.kernels import reference
+from bitalloc.kernels.configs import INTERPRET
+from bitalloc.kernels.dispatch import quant_matmul
+from bitalloc.kernels.gemv import choose_split_k
+from bitalloc.kernels.packing import PLANES
+from bitalloc.kernels.quant_linear import Fp8Linear, QuantLinear
+from bitalloc.kernels.weights import Fp8Weight
 
 pytestmark = pytest.mark.skipif(
     INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device and compiled (not interpreted) kernels"

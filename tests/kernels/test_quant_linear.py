@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels import reference
-from kernels.packing import PLANES
-from kernels.quant_linear import Fp8Linear, QuantLinear
-from kernels.weights import Fp8Weight, PackedWeight
+from bitalloc.kernels import reference
+from bitalloc.kernels.packing import PLANES
+from bitalloc.kernels.quant_linear import Fp8Linear, QuantLinear
+from bitalloc.kernels.weights import Fp8Weight, PackedWeight
 
 
 def random_layer(bits: int, symmetric: bool, bias: bool, group_size: int | None = 32) -> QuantLinear:

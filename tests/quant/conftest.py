@@ -11,8 +11,8 @@ def smollm2_units(zoo):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quant.units import enumerate_units
-    from quant.zoo import zoo_model_dir
+    from bitalloc.quant.units import enumerate_units
+    from bitalloc.quant.zoo import zoo_model_dir
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo_model_dir("llm")))

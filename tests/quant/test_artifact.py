@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.quant_linear import Fp8Linear, QuantLinear
-from quant.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, build_artifact, load_artifact
-from quant.calibration import calibration_tokens, evaluation_tokens
-from quant.evaluate import Evaluator, applied
-from quant.formats import IntFormat, get_format
-from quant.hessian import collect_hessians
-from quant.quantizers import simulate
-from quant.units import enumerate_units, weight_matrix
+from bitalloc.kernels.quant_linear import Fp8Linear, QuantLinear
+from bitalloc.quant.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, build_artifact, load_artifact
+from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
+from bitalloc.quant.evaluate import Evaluator, applied
+from bitalloc.quant.formats import IntFormat, get_format
+from bitalloc.quant.hessian import collect_hessians
+from bitalloc.quant.quantizers import simulate
+from bitalloc.quant.units import enumerate_units, weight_matrix
 
 # One format per storage path, in the tiny Llama's unit order (layer 0: q k v o gate up down,
 # then layer 1); layer 0's down_proj (K = 160) has a partial last group. Layer 1's down_proj

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from quant.calibration import calibration_tokens, evaluation_tokens, load_texts
+from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens, load_texts
 
 
 def test_text_and_jsonl_sources(tmp_path):
@@ -46,7 +46,7 @@ def test_evaluation_windows_do_not_overlap(tmp_path, tiny_llama):
 
 
 def test_reference_splits_are_disjoint_and_cover_every_document(zoo):
-    from quant.zoo.corpus import SPLITS, split_path
+    from bitalloc.quant.zoo.corpus import SPLITS, split_path
 
     docs = {s: [json.loads(l) for l in split_path(s).read_text().splitlines()] for s in SPLITS}
     ids = {s: {(d["source"], d["id"]) for d in v} for s, v in docs.items()}
@@ -63,7 +63,7 @@ def test_reference_splits_are_disjoint_and_cover_every_document(zoo):
 
 
 def test_shared_documents_between_sources(tmp_path, zoo):
-    from quant.calibration import shared_documents
+    from bitalloc.quant.calibration import shared_documents
 
     (tmp_path / "a.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "beta"}\n{"text": "gamma"}\n')

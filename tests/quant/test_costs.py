@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from quant.costs import KERNEL_OVERHEAD_S, LatencyModel, device_slug
-from quant.formats import get_format
-from quant.units import Unit
+from bitalloc.quant.costs import KERNEL_OVERHEAD_S, LatencyModel, device_slug
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.units import Unit
 
 UNIT = Unit("model.layers.0.mlp.down_proj", "weight", (4096, 4096), 0)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from quant.calibration import evaluation_tokens
-from quant.evaluate import Evaluator, allocation_size, applied, uniform
-from quant.formats import get_format
-from quant.units import enumerate_units
+from bitalloc.quant.calibration import evaluation_tokens
+from bitalloc.quant.evaluate import Evaluator, allocation_size, applied, uniform
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.units import enumerate_units
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +74,11 @@ def test_fewer_windows_then_all_score_as_a_fresh_evaluator(tiny_llama):
 
 
 def test_the_weight_cache_quantizes_each_cell_once(tiny_llama, monkeypatch):
-    import quant.evaluate
+    import bitalloc.quant.evaluate
 
     calls = []
-    real = quant.evaluate.simulate
-    monkeypatch.setattr(quant.evaluate, "simulate", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    real = bitalloc.quant.evaluate.simulate
+    monkeypatch.setattr(bitalloc.quant.evaluate, "simulate", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=2)
     units = enumerate_units(tiny_llama.module).weights
     cached = Evaluator(tiny_llama, windows, weight_cache_bytes=1e9)
@@ -92,7 +92,7 @@ def test_the_weight_cache_quantizes_each_cell_once(tiny_llama, monkeypatch):
 
 
 def test_measured_kl_scores_the_windows_its_sample_count_covers(tiny_llama):
-    from quant.evaluate import MeasuredKL
+    from bitalloc.quant.evaluate import MeasuredKL
 
     windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=4)
     units = enumerate_units(tiny_llama.module).weights
@@ -106,7 +106,7 @@ def test_measured_kl_scores_the_windows_its_sample_count_covers(tiny_llama):
 def test_window_kl_is_each_window_scored_alone(tiny_llama):
     """The per-window KLs (what a paired test over windows reads) average to the KL, and each is
     what an evaluator holding that one window measures."""
-    from quant.evaluate import MeasuredKL
+    from bitalloc.quant.evaluate import MeasuredKL
 
     windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=3)
     allocation = uniform(enumerate_units(tiny_llama.module).weights, "int2_g32")

@@ -7,11 +7,11 @@ from typing import get_args
 
 import pytest
 
-from quant.costs import LatencyModel
-from quant.export import EXPORTERS, ExportError, ExportName, export_allocation, export_from_profile, list_exporters
-from quant.formats import get_format
-from quant.profile import KVOptions, Profile, cost_tables
-from quant.units import Unit
+from bitalloc.quant.costs import LatencyModel
+from bitalloc.quant.export import EXPORTERS, ExportError, ExportName, export_allocation, export_from_profile, list_exporters
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.profile import KVOptions, Profile, cost_tables
+from bitalloc.quant.units import Unit
 
 UNITS = [Unit("model.layers.0.self_attn.q_proj", "weight", (64, 128), 0),
          Unit("model.layers.0.self_attn.k_proj", "weight", (32, 128), 0),

@@ -12,11 +12,11 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 from compressed_tensors.utils.match import match_name
 
-from quant.export import ExportError, export_allocation
-from quant.export.compressed_tensors import weight_args
-from quant.formats import get_format
-from quant.profile import KVOptions
-from quant.units import Unit
+from bitalloc.quant.export import ExportError, export_allocation
+from bitalloc.quant.export.compressed_tensors import weight_args
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.units import Unit
 
 from export_helpers import tied_allocation
 

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from quant.export import ExportError, export_allocation
-from quant.formats import get_format
-from quant.profile import KVOptions
-from quant.units import Unit
+from bitalloc.quant.export import ExportError, export_allocation
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.units import Unit
 
 from export_helpers import tied_allocation
 

@@ -10,11 +10,11 @@ import subprocess
 import gguf
 import pytest
 
-from quant.export import ExportError, export_allocation
-from quant.export.llama_cpp import ggml_type_for
-from quant.formats import get_format
-from quant.profile import KVOptions
-from quant.units import Unit
+from bitalloc.quant.export import ExportError, export_allocation
+from bitalloc.quant.export.llama_cpp import ggml_type_for
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.units import Unit
 
 T = gguf.GGMLQuantizationType
 # The tensors of a dense Llama GGUF (SmolLM2's), by gguf-py's names.

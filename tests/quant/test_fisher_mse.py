@@ -6,13 +6,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from quant.calibration import calibration_tokens, tensor_samples
-from quant.evaluate import Evaluator
-from quant.formats import get_format
-from quant.metrics import METRICS
-from quant.metrics.context import ProfilingContext
-from quant.metrics.fisher_mse import output_fisher
-from quant.units import UnitSet, enumerate_units
+from bitalloc.quant.calibration import calibration_tokens, tensor_samples
+from bitalloc.quant.evaluate import Evaluator
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.metrics import METRICS
+from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.fisher_mse import output_fisher
+from bitalloc.quant.units import UnitSet, enumerate_units
 
 FORMATS = [get_format(n) for n in ("int2_g32", "int4_g32", "int8_g32")]
 

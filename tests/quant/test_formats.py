@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from quant.formats import INT_BITS, IntFormat, LookupFormat, get_format, parse_formats, standard_formats
+from bitalloc.quant.formats import INT_BITS, IntFormat, LookupFormat, get_format, parse_formats, standard_formats
 
 
 def test_registry_lists_every_required_format():

@@ -7,7 +7,7 @@ import re
 import gguf
 import pytest
 
-from quant.gguf_names import gguf_block, gguf_kind, gguf_name, gguf_tensor, tensor_type_pattern
+from bitalloc.quant.gguf_names import gguf_block, gguf_kind, gguf_name, gguf_tensor, tensor_type_pattern
 
 BLOCK_NAMES = {
     gguf.MODEL_ARCH.LLAMA: ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from quant.calibration import calibration_tokens
-from quant.formats import INT_BITS, IntFormat, get_format
-from quant.gptq import gptq_quantize, layer_error
-from quant.hessian import collect_hessians
-from quant.units import enumerate_units, weight_matrix
+from bitalloc.quant.calibration import calibration_tokens
+from bitalloc.quant.formats import INT_BITS, IntFormat, get_format
+from bitalloc.quant.gptq import gptq_quantize, layer_error
+from bitalloc.quant.hessian import collect_hessians
+from bitalloc.quant.units import enumerate_units, weight_matrix
 
 LAYERS = ("model.layers.4.self_attn.q_proj", "model.layers.17.self_attn.o_proj", "model.layers.25.mlp.down_proj")
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from quant.calibration import calibration_tokens
-from quant.evaluate import Evaluator, applied, uniform
-from quant.formats import get_format
-from quant.linearize import KLGradient
-from quant.quantizers import simulate
-from quant.units import enumerate_units, weight_matrix
+from bitalloc.quant.calibration import calibration_tokens
+from bitalloc.quant.evaluate import Evaluator, applied, uniform
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.linearize import KLGradient
+from bitalloc.quant.quantizers import simulate
+from bitalloc.quant.units import enumerate_units, weight_matrix
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.loading import LoadPolicy, ModelLoadError, load_model
+from bitalloc.quant.loading import LoadPolicy, ModelLoadError, load_model
 
 
 def test_missing_path_is_named(tmp_path):
@@ -26,7 +26,7 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
 
 
 def test_paths_outside_the_model_roots_are_refused(tmp_path, zoo):
-    from quant.zoo import asset_dir
+    from bitalloc.quant.zoo import asset_dir
 
     policy = LoadPolicy(model_roots=(tmp_path,))
     with pytest.raises(ModelLoadError, match="outside the configured model roots"):
@@ -43,7 +43,7 @@ def test_unknown_specs_and_factories(zoo):
 
 
 def test_reference_llm_loads_like_a_hub_model(smollm2):
-    from quant.zoo import asset_dir
+    from bitalloc.quant.zoo import asset_dir
 
     assert smollm2.is_causal_lm
     assert type(smollm2.module).__name__ == "LlamaForCausalLM"
@@ -56,7 +56,7 @@ def test_reference_llm_loads_like_a_hub_model(smollm2):
 
 
 def test_cnn_directory_loads_as_a_plain_module(digits_cnn, zoo):
-    from quant.zoo.digits import accuracy, digits_split
+    from bitalloc.quant.zoo.digits import accuracy, digits_split
 
     _, _, x_test, y_test = digits_split()
     assert not digits_cnn.is_causal_lm

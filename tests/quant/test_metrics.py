@@ -8,14 +8,14 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from quant.calibration import CalibrationSet, calibration_tokens
-from quant.evaluate import Evaluator
-from quant.formats import get_format
-from quant.loading import LoadedModel
-from quant.metrics import METRICS
-from quant.metrics.context import ProfilingContext
-from quant.metrics.kl import kl_windows
-from quant.units import UnitSet, enumerate_units, weight_units
+from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
+from bitalloc.quant.evaluate import Evaluator
+from bitalloc.quant.formats import get_format
+from bitalloc.quant.loading import LoadedModel
+from bitalloc.quant.metrics import METRICS
+from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.kl import kl_windows
+from bitalloc.quant.units import UnitSet, enumerate_units, weight_units
 
 FORMATS = [get_format(n) for n in ("bf16", "int2_g32", "int8_g32", "nf4_g64")]
 
@@ -164,7 +164,7 @@ def test_kl_token_budget_and_bad_options(tiny_ctx):
 
 
 def test_gradient_metrics_refuse_a_model_without_tokens(digits_cnn):
-    from quant.calibration import tensor_samples
+    from bitalloc.quant.calibration import tensor_samples
 
     units = enumerate_units(digits_cnn.module)
     ctx = ProfilingContext(digits_cnn, units, FORMATS, tensor_samples("zoo:digits", count=8))

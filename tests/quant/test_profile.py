@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from quant import metrics
-from quant.calibration import calibration_for
-from quant.formats import parse_formats
-from quant.profile import Profile, ProfileCache, build_profile
-from quant.units import enumerate_units
+from bitalloc.quant import metrics
+from bitalloc.quant.calibration import calibration_for
+from bitalloc.quant.formats import parse_formats
+from bitalloc.quant.profile import Profile, ProfileCache, build_profile
+from bitalloc.quant.units import enumerate_units
 
 FORMATS = parse_formats("int2_g32,int4_g32,int8_g32,bf16")
 
@@ -68,8 +68,8 @@ def test_cache_hit_skips_the_work(tiny_llama, tiny_setup, tmp_path, monkeypatch)
 
 
 def test_kv_units_are_costed_per_context(tiny_llama):
-    from quant.costs import unit_bytes
-    from quant.kv import kv_bytes_per_token
+    from bitalloc.quant.costs import unit_bytes
+    from bitalloc.quant.kv import kv_bytes_per_token
 
     units = enumerate_units(tiny_llama.module, kv_cache=True)
     key = next(u for u in units.units if u.kind == "kv_key")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant.hessian import collect_hessians
-from quant.sensitivity import (
+from bitalloc.quant.hessian import collect_hessians
+from bitalloc.quant.sensitivity import (
     CRITERIA,
     activation_statistics,
     hessian_activation_from_hessian,
@@ -17,7 +17,7 @@ from quant.sensitivity import (
     nncf_scores,
     weight_quantization_error,
 )
-from quant.units import Unit
+from bitalloc.quant.units import Unit
 
 
 def nncf_int8_asym_numpy(w: np.ndarray) -> np.ndarray:

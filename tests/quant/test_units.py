@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from quant.units import enumerate_units, set_weight_matrix, sibling_groups, weight_matrix
+from bitalloc.quant.units import enumerate_units, set_weight_matrix, sibling_groups, weight_matrix
 
 
 def test_llama_units_blocks_and_tie_groups_from_shared_inputs(tiny_llama):

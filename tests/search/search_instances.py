@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from search import Allocation, Budgets, Problem
+from bitalloc.search import Allocation, Budgets, Problem
 
 
 @st.composite

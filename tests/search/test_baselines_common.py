@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from search import Problem
-from search.baselines import UnitInfo
+from bitalloc.search import Problem
+from bitalloc.search.baselines import UnitInfo
 
 HIDDEN, INTER, KV = 576, 1536, 192
 PROJ = {  # HF leaf -> (GGUF kind, [N, K])
@@ -52,7 +52,7 @@ def llama_problem(n_blocks: int = 30, lm_head: tuple[int, int] | None = None, bf
 
 
 def test_format_bits_count_scales_and_partial_groups():
-    from search.baselines.common import format_bits
+    from bitalloc.search.baselines.common import format_bits
 
     problem, _ = llama_problem(n_blocks=1)
     bits = format_bits(problem)
@@ -65,7 +65,7 @@ def test_format_bits_count_scales_and_partial_groups():
 
 
 def test_nearest_format_breaks_ties_towards_the_larger():
-    from search.baselines.common import nearest_format
+    from bitalloc.search.baselines.common import nearest_format
 
     bpw = np.array([2.125, 3.125, 4.125])
     assert nearest_format(2.625, [0, 1, 2], bpw) == 1  # exactly between: the larger

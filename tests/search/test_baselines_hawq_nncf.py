@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from search import Budgets, InfeasibleBudget, Problem
-from search.baselines import UnitInfo, hawq_v3, nncf_ratio, primary_prefix, rescore
+from bitalloc.search import Budgets, InfeasibleBudget, Problem
+from bitalloc.search.baselines import UnitInfo, hawq_v3, nncf_ratio, primary_prefix, rescore
 
 
 def tiny(seed: int = 0, ties=()) -> Problem:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_baselines_common import llama_problem
 
-from search.baselines import GGML_BPW, ModelInfo, UnitInfo, format_table, llamacpp, tensor_type, use_more_bits
+from bitalloc.search.baselines import GGML_BPW, ModelInfo, UnitInfo, format_table, llamacpp, tensor_type, use_more_bits
 
 UMB_30 = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}
 SMOL = ModelInfo(n_blocks=30, n_gqa=3, has_output=False)  # 9 heads, 3 KV heads, tied embeddings
@@ -135,7 +135,7 @@ def test_ggml_bits_per_weight_from_block_structs():
 
 
 def test_mapping_by_nearest_bits_with_ties_to_the_larger():
-    from search import Problem
+    from bitalloc.search import Problem
 
     # one unit with K = 1536 (whole groups): int{b}_g128 sits at exactly b + 0.125 bits
     widths = (2, 3, 4, 5, 6, 8)
@@ -170,7 +170,7 @@ def test_allocation_on_the_problem_uses_the_mapping_and_scores_like_any_other():
 
 
 def test_candidate_formats_restrict_the_mapping():
-    from search import Problem
+    from bitalloc.search import Problem
 
     n, k = 4, 1536
     names = ["int4_g128", "int4_g128_asym", "int5_g128", "int8_g128"]

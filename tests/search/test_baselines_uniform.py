@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_baselines_common import llama_problem
 
-from search import Budgets, InfeasibleBudget, Problem
-from search.baselines import UnitInfo, block_order, layer_mix, uniform, uniform_within
+from bitalloc.search import Budgets, InfeasibleBudget, Problem
+from bitalloc.search.baselines import UnitInfo, block_order, layer_mix, uniform, uniform_within
 
 
 def test_uniform_puts_every_unit_in_the_format_and_totals_match_a_direct_sum():

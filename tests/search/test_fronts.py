@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from search import Budgets, Front, front, hypervolume, non_dominated
+from bitalloc.search import Budgets, Front, front, hypervolume, non_dominated
 from search_instances import assert_valid, enumerate_allocations, problems
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

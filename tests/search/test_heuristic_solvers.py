@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search import Allocation, Budgets, front, get_solver, solve
-from search.pareto import non_dominated
+from bitalloc.search import Allocation, Budgets, front, get_solver, solve
+from bitalloc.search.pareto import non_dominated
 from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from search import SOLVERS, Allocation, Budgets, Problem, SearchError, get_solver, register, solve
-from search.solver import Solver
+from bitalloc.search import SOLVERS, Allocation, Budgets, Problem, SearchError, get_solver, register, solve
+from bitalloc.search.solver import Solver
 from search_instances import small_model
 
 
@@ -111,7 +111,7 @@ def test_single_budget_solvers_refuse_two_budgets_and_point_to_ilp() -> None:
 
 
 def test_a_registered_solver_is_checked_like_the_built_in_ones(monkeypatch) -> None:
-    monkeypatch.setattr("search.registry.SOLVERS", dict(SOLVERS))
+    monkeypatch.setattr("bitalloc.search.registry.SOLVERS", dict(SOLVERS))
 
     @register
     class Dearest(Solver):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search import Allocation, Budgets, front, refine_front, solve
+from bitalloc.search import Allocation, Budgets, front, refine_front, solve
 from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,7 +73,7 @@ def test_refine_rejects_a_schedule_that_does_not_narrow_to_one(schedule) -> None
 
 @given(smallest=st.integers(1, 5000), final=st.integers(1, 20000))
 def test_staged_schedule_is_always_a_valid_schedule_ending_at_the_final_size(smallest, final) -> None:
-    from search.solvers.refine import RefineSolver, staged_schedule
+    from bitalloc.search.solvers.refine import RefineSolver, staged_schedule
 
     schedule = staged_schedule(smallest, final)
     RefineSolver(lambda _a, _n: 0.0, schedule=schedule)  # raises on an invalid schedule

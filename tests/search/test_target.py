@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search import Budgets, InfeasibleBudget, smallest_within, solve
-from search.sweep import budget_range
+from bitalloc.search import Budgets, InfeasibleBudget, smallest_within, solve
+from bitalloc.search.sweep import budget_range
 from search_instances import enumerate_allocations, problems, small_model
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

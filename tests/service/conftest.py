@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import create_engine, text
 
-from service.settings import Settings
+from bitalloc.service.settings import Settings
 
 
 def base_pg_url() -> str:

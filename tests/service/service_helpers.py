@@ -12,11 +12,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.auth import create_token
-from service.context import Context
-from service.db import transaction
-from service.settings import Settings
+from bitalloc.service.app import create_app
+from bitalloc.service.auth import create_token
+from bitalloc.service.context import Context
+from bitalloc.service.db import transaction
+from bitalloc.service.settings import Settings
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 FINISHED = ("succeeded", "failed", "canceled")

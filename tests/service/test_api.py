@@ -7,8 +7,8 @@ import uuid
 import pytest
 from sqlalchemy import func, select, update
 
-from service.models import Job
-from service.settings import Settings
+from bitalloc.service.models import Job
+from bitalloc.service.settings import Settings
 
 from service_helpers import bearer, job_body, running_app
 
@@ -111,8 +111,8 @@ def test_requests_need_a_live_token(api):
     assert client.get("/v1/jobs").headers["WWW-Authenticate"] == "Bearer"
     assert client.get("/v1/jobs", headers={"Authorization": "Bearer bat_nope"}).status_code == 401
     assert client.get("/v1/jobs", headers=headers).status_code == 200
-    from service.auth import revoke_tokens
-    from service.db import transaction
+    from bitalloc.service.auth import revoke_tokens
+    from bitalloc.service.db import transaction
 
     with transaction(ctx.sessions) as session:
         revoke_tokens(session, "a")

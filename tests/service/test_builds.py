@@ -14,9 +14,9 @@ import pytest
 from rq import SimpleWorker
 from sqlalchemy import select, update
 
-from quant.artifact import ArtifactError, load_artifact
-from service import builds, models, worker
-from service.settings import Settings
+from bitalloc.quant.artifact import ArtifactError, load_artifact
+from bitalloc.service import builds, models, worker
+from bitalloc.service.settings import Settings
 
 from service_helpers import bearer, job_body, running_app, wait_until_finished
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import create_app
-from service.schemas import JobCreate
-from service.settings import Settings
-from service.worker import LocalWorkers
+from bitalloc.service.app import create_app
+from bitalloc.service.schemas import JobCreate
+from bitalloc.service.settings import Settings
+from bitalloc.service.worker import LocalWorkers
 
 from service_helpers import FORMATS, bearer, job_body, uvicorn_server
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quant.profile import Profile
-from quant.units import Unit
-from quant.formats import get_format
-from search.baselines import FTYPES
-from service.baselines import baseline_points
-from service.dashboard import CSP, STATIC
-from service.dashboard.layout import format_bits, unit_columns
-from service.settings import Settings
+from bitalloc.quant.profile import Profile
+from bitalloc.quant.units import Unit
+from bitalloc.quant.formats import get_format
+from bitalloc.search.baselines import FTYPES
+from bitalloc.pipeline.baselines import baseline_points
+from bitalloc.service.dashboard import CSP, STATIC
+from bitalloc.service.dashboard.layout import format_bits, unit_columns
+from bitalloc.service.settings import Settings
 
 from service_helpers import bearer, job_body, running_app, wait_until_finished
 

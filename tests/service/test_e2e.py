@@ -12,10 +12,10 @@ import pytest
 from rq import SimpleWorker
 from sqlalchemy import select
 
-from quant.profile import Profile
-from search import Budgets, front, solve
-from service import models, worker
-from service.problems import problem_of
+from bitalloc.quant.profile import Profile
+from bitalloc.search import Budgets, front, solve
+from bitalloc.service import models, worker
+from bitalloc.pipeline.problem import problem_of
 
 from service_helpers import bearer, job_body, metric, running_app, wait_until_finished
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from quant.profile import Profile
-from quant.units import Unit
-from service.cli import app
+from bitalloc.quant.profile import Profile
+from bitalloc.quant.units import Unit
+from bitalloc.service.cli import app
 
 UNITS = [Unit("model.layers.0.self_attn.q_proj", "weight", (64, 256), 0),
          Unit("model.layers.0.self_attn.k_proj", "weight", (32, 256), 0),

@@ -8,8 +8,8 @@ import json
 import pytest
 from compressed_tensors.quantization import QuantizationConfig
 
-from quant.export import list_exporters
-from service.settings import Settings
+from bitalloc.quant.export import list_exporters
+from bitalloc.service.settings import Settings
 
 from service_helpers import bearer, job_body, running_app, wait_until_finished
 

@@ -12,16 +12,16 @@ import pytest
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from service import jobs as job_store
-from service.api import jobs as jobs_api
-from service.auth import create_token
-from service.cli import app as cli
-from service.context import Context
-from service.db import transaction
-from service.models import Artifact, Job, Profile
-from service.schemas import JobCreate
-from service.settings import Settings, get_settings
-from service.storage import BlobStore
+from bitalloc.service import jobs as job_store
+from bitalloc.service.api import jobs as jobs_api
+from bitalloc.service.auth import create_token
+from bitalloc.service.cli import app as cli
+from bitalloc.service.context import Context
+from bitalloc.service.db import transaction
+from bitalloc.service.models import Artifact, Job, Profile
+from bitalloc.service.schemas import JobCreate
+from bitalloc.service.settings import Settings, get_settings
+from bitalloc.service.storage import BlobStore
 
 from service_helpers import job_body, running_app
 

@@ -14,12 +14,12 @@ from sqlalchemy import DateTime, Uuid, column, create_engine, insert, inspect, s
 from sqlalchemy.sql.expression import ColumnClause, TableClause
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.db import alembic_config, current_revision, head_revision, make_engine, upgrade
-from service.models import Token
-from service.progress import ProgressTracker
-from service.settings import Settings, get_settings
-from service.storage import BlobStore
+from bitalloc.service.cli import app
+from bitalloc.service.db import alembic_config, current_revision, head_revision, make_engine, upgrade
+from bitalloc.service.models import Token
+from bitalloc.service.progress import ProgressTracker
+from bitalloc.service.settings import Settings, get_settings
+from bitalloc.service.storage import BlobStore
 
 from service_helpers import job_body, running_app
 

@@ -19,13 +19,13 @@ import pytest
 from rq import SimpleWorker
 from sqlalchemy import func, select, update
 
-from service import jobs, results, worker
-from service.app import create_app
-from service.context import Context
-from service.db import transaction
-from service.models import Allocation, Front, Job, Token, utcnow
-from service.schemas import JobCreate
-from service.settings import Settings
+from bitalloc.service import jobs, results, worker
+from bitalloc.service.app import create_app
+from bitalloc.service.context import Context
+from bitalloc.service.db import transaction
+from bitalloc.service.models import Allocation, Front, Job, Token, utcnow
+from bitalloc.service.schemas import JobCreate
+from bitalloc.service.settings import Settings
 
 from service_helpers import bearer, job_body, running_app, uvicorn_server
 
@@ -47,7 +47,7 @@ def queued_job(ctx: Context, **overrides) -> uuid.UUID:
 
 
 def _token(session) -> int:
-    from service.auth import create_token
+    from bitalloc.service.auth import create_token
 
     return create_token(session, "t")[0].id
 

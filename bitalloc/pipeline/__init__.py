@@ -1,0 +1,17 @@
+"""The job pipeline: from a job spec to a front, the chosen point and its evaluation.
+
+It sits between ``service`` (HTTP, database, queue, workers, CLI) and the libraries it joins,
+``quant`` (models) and ``search`` (solvers): the one place that knows both.
+
+* ``spec``: ``JobSpec``, the budgets a job may bound and their validation;
+* ``problem``: ``problem_of``, a profile as the search problem it poses;
+* ``selector``: ``PointSelector``, the point at the budget and its measured improvement;
+* ``baselines``: the allocations a job is compared against, on the same profile;
+* ``run``: ``run_job``, the whole job.
+"""
+
+from bitalloc.pipeline.problem import problem_of
+from bitalloc.pipeline.run import JobResult, evaluate_point, run_job
+from bitalloc.pipeline.spec import JobSpec
+
+__all__ = ["JobResult", "JobSpec", "evaluate_point", "problem_of", "run_job"]

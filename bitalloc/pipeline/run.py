@@ -1,0 +1,110 @@
+"""The job pipeline: one function from a job spec to a front and the chosen point.
+
+load -> calibrate -> profile (cached) -> solve (a front sweep, and the point at the
+budget, see ``selector``) -> evaluate the chosen point. ``bitalloc run`` and the workers
+call the same ``run_job``; the service adds persistence, queueing and HTTP around it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitalloc.pipeline.problem import problem_of
+from bitalloc.pipeline.selector import PointSelector
+from bitalloc.pipeline.spec import JobSpec
+from bitalloc.quant.calibration import calibration_for, evaluation_tokens, shared_documents
+from bitalloc.quant.evaluate import Evaluator
+from bitalloc.quant.formats import parse_formats
+from bitalloc.quant.loading import LoadedModel, LoadPolicy, load_model
+from bitalloc.quant.profile import Profile, ProfileCache
+from bitalloc.quant.progress import ProgressFn, no_progress
+from bitalloc.quant.units import enumerate_units
+from bitalloc.search import Allocation, Front, front
+
+EXACT_SOLVERS = ("dp", "ilp")
+
+
+@dataclass
+class JobResult:
+    profile: Profile
+    profile_cached: bool
+    front: Front
+    chosen: Allocation | None
+    evaluation: dict | None
+    seconds: dict[str, float]
+
+    def summary(self) -> dict:
+        return {
+            "profile": self.profile.meta, "profile_cached": self.profile_cached,
+            "front": self.front.to_dict(), "chosen": None if self.chosen is None else self.chosen.to_dict(),
+            "evaluation": self.evaluation, "seconds": self.seconds,
+        }
+
+
+def check_disjoint(calibration: str, evaluation: str) -> None:
+    """Refuse a job whose evaluation text shares documents with its calibration text."""
+    shared = shared_documents(calibration, evaluation)
+    if shared:
+        raise ValueError(f"calibration {calibration!r} and evaluation {evaluation!r} share {shared} document(s); "
+                         "held-out evaluation must not see calibration text")
+
+
+def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),
+            progress: ProgressFn = no_progress) -> JobResult:
+    """Run a job end to end; errors say what is wrong (bad input, infeasible budget, unknown model)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock, 2)
+        clock = now
+
+    formats = parse_formats(spec.formats)
+    budgets = spec.budgets_object()
+    progress(0, 1, "load")
+    model = load_model(spec.model, policy)
+    units = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=spec.kv is not None)
+    if model.is_causal_lm and spec.evaluation:
+        for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):
+            check_disjoint(source, spec.evaluation)
+    calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed)
+    progress(1, 1, "load")
+    lap("load")
+
+    profile, cached = ProfileCache(profile_dir).get_or_build(
+        model, units, formats, spec.metric, calibration, method=spec.method, kv=spec.kv,
+        device=spec.device, progress=progress)
+    lap("profile")
+
+    problem = problem_of(profile, ties=spec.ties)
+    front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
+    sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
+    selector = PointSelector(spec, model, units, calibration, problem, profile_dir)
+    chosen = selector.choose(budgets)
+    if chosen is not None and spec.descend:
+        progress(0, 1, "descend")
+        chosen = selector.descend(chosen)
+    if chosen is not None and spec.refine:
+        progress(0, 1, "refine")
+        chosen = selector.refine(chosen)
+    progress(1, 1, "solve")
+    lap("solve")
+
+    evaluation = None
+    if chosen is not None and model.is_causal_lm and spec.evaluation:
+        progress(0, 1, "evaluate")
+        evaluation = evaluate_point(model, chosen, spec, selector.hessians)
+        progress(1, 1, "evaluate")
+        lap("evaluate")
+    return JobResult(profile, cached, sweep, chosen, evaluation, seconds)
+
+
+def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, hessians: dict | None = None) -> dict:
+    """Held-out perplexity, KL and top-1 agreement of one allocation (GPTQ needs the Hessians)."""
+    windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows)
+    result = Evaluator(model, windows).evaluate(allocation.formats, method=spec.method, hessians=hessians)
+    return {"windows": windows.describe(), **result.to_dict()}

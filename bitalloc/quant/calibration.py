@@ -1,0 +1,236 @@
+"""Token batches for calibration and evaluation, from any text source.
+
+Sources (a string, so a job spec can name one):
+
+* ``zoo:calibration`` / ``zoo:evaluation`` / ``zoo:tuning``: the reference splits built by
+  ``bitalloc zoo build``;
+* a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text in the
+  ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
+* ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.
+
+Modules that are not language models take input tensors instead: a ``.safetensors`` file
+whose ``inputs`` tensor holds the samples, or ``zoo:digits`` (the digits CNN's training images).
+
+Documents are tokenized separately and joined with the end-of-sequence token.
+Calibration draws ``count`` windows at seeded random offsets; evaluation cuts consecutive,
+non-overlapping windows, so every evaluated token is scored once. The sha256 of the text
+goes with the tokens, so a profile records exactly what calibrated it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Model inputs cut from ``source``, whose data hashes to ``sha256``.
+
+    For a language model ``inputs`` are token windows ``[windows, seq_len]`` and every
+    token is a sample; for another module they are a batch of input tensors, one sample
+    each. Metrics report errors per sample, so they compare across layers and models.
+    """
+
+    inputs: torch.Tensor
+    source: str
+    sha256: str
+    tokens: bool = True
+
+    @property
+    def samples(self) -> int:
+        return self.inputs.numel() if self.tokens else len(self.inputs)
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.inputs.split(batch_size))
+
+    def head(self, windows: int, length: int | None = None) -> CalibrationSet:
+        """The first ``windows`` inputs (cut to their first ``length`` tokens), same provenance:
+        a cheaper subset for work that needs fewer samples (traces, gradients, KL)."""
+        inputs = self.inputs[:windows] if length is None else self.inputs[:windows, :length]
+        return replace(self, inputs=inputs.contiguous())
+
+    def describe(self) -> dict:
+        """Provenance: the source, its data hash, and a hash of the exact inputs drawn from it."""
+        inputs_sha256 = hashlib.sha256(self.inputs.contiguous().numpy().tobytes()).hexdigest()
+        return {"source": self.source, "sha256": self.sha256, "inputs_sha256": inputs_sha256,
+                "shape": list(self.inputs.shape), "samples": self.samples}
+
+
+def load_texts(source: str) -> list[str]:
+    """The documents of a source; ``ValueError`` says what is wrong with a bad one."""
+    if source.startswith("zoo:"):
+        from bitalloc.quant.zoo.corpus import split_path
+
+        return _read_jsonl(split_path(source.removeprefix("zoo:")), "text")
+    if source.startswith("datasets:"):
+        return _load_datasets(source.removeprefix("datasets:"))
+    path_text, _, field = source.partition("#")
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ValueError(f"text source {source!r}: file {path} does not exist")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, field or "text")
+    if field:
+        raise ValueError(f"text source {source!r}: a field (#...) applies to .jsonl files only")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text source {source!r}: the file is empty")
+    return [text]
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{number}: no text field {field!r}")
+            texts.append(record[field])
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
+def _load_datasets(spec: str) -> list[str]:
+    from datasets import load_dataset
+
+    name_part, _, field = spec.partition("#")
+    parts = name_part.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"datasets source {spec!r}: expected datasets:NAME[:CONFIG]:SPLIT[#field]")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    dataset = load_dataset(name, config, split=split)
+    field = field or "text"
+    if field not in dataset.column_names:
+        raise ValueError(f"datasets source {spec!r}: no column {field!r} (columns: {dataset.column_names})")
+    return [t for t in dataset[field] if t and t.strip()]
+
+
+def text_sha256(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+_STREAMS: dict[tuple, torch.Tensor] = {}
+
+
+def _source_stream(tokenizer: Any, source: str) -> tuple[torch.Tensor, str]:
+    """The token stream of a source and its text hash, tokenized once per process.
+
+    Tokenizing the reference calibration split takes seconds; jobs, tests and benches
+    that draw several calibration sets from one source should pay that once.
+    """
+    texts = load_texts(source)
+    digest = text_sha256(texts)
+    key = (digest, getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.eos_token_id)
+    if key not in _STREAMS:
+        _STREAMS[key] = token_stream(tokenizer, texts)
+    return _STREAMS[key], digest
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All documents as one 1-D token stream, each followed by the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_shape(seq_len: int, count: int | None) -> None:
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+
+
+def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
+    """``count`` windows of ``seq_len`` tokens at seeded random offsets of the source."""
+    _check_shape(seq_len, count)
+    stream, digest = _source_stream(tokenizer, source)
+    if len(stream) < seq_len:
+        raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (count,), generator=generator)
+    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return CalibrationSet(windows, source, digest)
+
+
+def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None) -> CalibrationSet:
+    """Consecutive, non-overlapping windows of the source (the tail shorter than a window is dropped).
+
+    ``max_windows`` keeps evenly spaced windows across the whole text, so a smaller
+    evaluation still samples every document region rather than only the first ones.
+    """
+    _check_shape(seq_len, max_windows)
+    stream, digest = _source_stream(tokenizer, source)
+    total = len(stream) // seq_len
+    if total == 0:
+        raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
+    windows = stream[: total * seq_len].reshape(total, seq_len)
+    if max_windows is not None and max_windows < total:
+        windows = windows[torch.linspace(0, total - 1, max_windows).round().long()]
+    return CalibrationSet(windows, source, digest)
+
+
+def tensor_samples(source: str, *, count: int = 256, seed: int = 0) -> CalibrationSet:
+    """``count`` input samples (seeded choice) for a module that is not a language model."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if source == "zoo:digits":
+        from bitalloc.quant.zoo.digits import digits_split
+
+        inputs = digits_split()[0]
+    else:
+        path = Path(source).expanduser()
+        if path.suffix != ".safetensors" or not path.exists():
+            raise ValueError(f"tensor source {source!r}: expected an existing .safetensors file or zoo:digits")
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "inputs" not in tensors:
+            raise ValueError(f"tensor source {source!r}: no tensor named 'inputs' (found {sorted(tensors)})")
+        inputs = tensors["inputs"]
+    digest = hashlib.sha256(inputs.contiguous().numpy().tobytes()).hexdigest()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(inputs), generator=generator)[: min(count, len(inputs))]
+    return CalibrationSet(inputs[chosen], source, digest, tokens=False)
+
+
+def calibration_for(model: Any, source: str | None = None, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
+    """Calibration inputs that fit the model: token windows for a causal LM, tensors otherwise.
+
+    With no ``source``: the reference calibration split for a language model; a module
+    must name its inputs (``zoo:digits`` for the reference CNN).
+    """
+    if getattr(model, "is_causal_lm", False):
+        return calibration_tokens(model.tokenizer, source or "zoo:calibration", seq_len=seq_len, count=count, seed=seed)
+    if source is None:
+        raise ValueError("calibration: a module that is not a language model needs input tensors "
+                         "(a .safetensors file with an 'inputs' tensor, or zoo:digits)")
+    return tensor_samples(source, count=count, seed=seed)
+
+
+def shared_documents(source_a: str, source_b: str) -> int:
+    """How many documents two text sources have in common (by content hash).
+
+    Calibration and evaluation text must never overlap, or the evaluation flatters
+    whatever was fitted on calibration; the pipeline refuses a job where they do.
+    """
+    hashes = [{hashlib.sha256(t.encode("utf-8")).digest() for t in load_texts(s)} for s in (source_a, source_b)]
+    return len(hashes[0] & hashes[1])

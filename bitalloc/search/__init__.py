@@ -1,0 +1,27 @@
+"""bitalloc search: choose a number format per unit within budgets.
+
+Pure numpy + OR-Tools + pymoo + Optuna; knows nothing of models. Build a
+:class:`Problem` from a profile's arrays, then ``solve`` for one
+:class:`Allocation`, ``front`` for the trade-off curve, or
+``smallest_within`` for an accuracy target. Solvers by name: ``dp``
+(default, exact), ``ilp`` (exact, any budgets), ``greedy``, ``nsga2``,
+``optuna`` and ``refine`` (by a measured objective).
+"""
+
+from bitalloc.search.allocation import Allocation
+from bitalloc.search.budgets import Budgets, Metric
+from bitalloc.search.errors import InfeasibleBudget, SearchError
+from bitalloc.search.evaluators import Evaluator, SampledEvaluator, WindowedEvaluator
+from bitalloc.search.front import Front
+from bitalloc.search.pareto import hypervolume, non_dominated
+from bitalloc.search.problem import Problem
+from bitalloc.search.registry import SOLVERS, front, get_solver, register, solve
+from bitalloc.search.solver import Solver
+from bitalloc.search.solvers.refine import refine_front
+from bitalloc.search.target import smallest_within
+
+__all__ = [
+    "Allocation", "Budgets", "Evaluator", "Front", "InfeasibleBudget", "Metric", "Problem",
+    "SOLVERS", "SampledEvaluator", "SearchError", "Solver", "front", "get_solver", "hypervolume",
+    "WindowedEvaluator", "non_dominated", "refine_front", "register", "smallest_within", "solve",
+]

@@ -1,0 +1,135 @@
+"""Jobs: submit, list, read, cancel, delete; progress and log."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bitalloc.service import garbage, jobs
+from bitalloc.service.api.deps import ContextDep, TokenDep
+from bitalloc.service.db import transaction
+from bitalloc.service.models import Job, JobLog
+from bitalloc.service.schemas import JobCreate, JobList, JobOut, LogLine, Progress
+from bitalloc.service.context import Context
+from bitalloc.service.settings import Settings
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"description": "No such job for this token."}}
+
+
+def load_job(session: Session, token_id: int, job_id: uuid.UUID) -> Job:
+    """The token's job or a 404 (another token's job looks exactly like a missing one)."""
+    job = jobs.get_job(session, token_id, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
+    return job
+
+
+def check_sources(body: JobCreate, settings: Settings) -> None:
+    """Calibration and evaluation files must lie inside the model roots when the operator set them
+    (the same rule as local model paths), so a token cannot make the service read any file."""
+    if not settings.model_roots:
+        return
+    roots = [root.resolve() for root in settings.model_roots]
+    for section in ("calibration", "evaluation"):
+        source = getattr(body, section).source
+        if source is None or source.startswith(("zoo:", "datasets:")):
+            continue
+        path = Path(source.partition("#")[0]).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in roots):
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", section, "source"),
+                                           "msg": "a local file must lie inside the configured model roots",
+                                           "input": source}])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
+             responses={422: {"description": "A field is invalid (loc names it), or the Idempotency-Key was used for another request."}})
+def submit_job(body: JobCreate, ctx: ContextDep, token_id: TokenDep, response: Response,
+               idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+                                                             description="Retries with the same key return the same job.")] = None) -> Job:
+    """Queue a job. A retried request with the same ``Idempotency-Key`` returns the job it made."""
+    check_sources(body, ctx.settings)
+    try:
+        with transaction(ctx.sessions) as session:
+            job, created = jobs.submit(session, token_id, body, ctx.settings, idempotency_key)
+    except jobs.IdempotencyMismatch as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": ("header", "Idempotency-Key"),
+                                       "msg": str(exc), "input": idempotency_key}]) from exc
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+        return job
+    enqueue(ctx, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+def enqueue(ctx: Context, job_id: uuid.UUID) -> None:
+    """Put a stored job on the queue; if the queue refuses, fail the job (never left queued) and answer 503."""
+    try:
+        ctx.queue.enqueue(job_id, 1)
+    except Exception as exc:
+        with transaction(ctx.sessions) as session:
+            jobs.fail_queued(session, job_id, f"could not enqueue: {exc}")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the job queue is unavailable: {exc}") from exc
+
+
+@router.get("", response_model=JobList)
+def list_jobs(ctx: ContextDep, token_id: TokenDep,
+              state: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+    """This token's jobs, newest first."""
+    with ctx.sessions() as session:
+        items, total = jobs.list_jobs(session, token_id, state, limit, offset)
+    return {"items": [JobOut.model_validate(j) for j in items], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
+def read_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
+    with ctx.sessions() as session:
+        return load_job(session, token_id, job_id)
+
+
+@router.get("/{job_id}/progress", response_model=Progress, responses=NOT_FOUND)
+def read_progress(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
+    """Phase, unit i of n within it, and the overall percent."""
+    with ctx.sessions() as session:
+        return load_job(session, token_id, job_id).progress
+
+
+@router.get("/{job_id}/log", response_model=list[LogLine], responses=NOT_FOUND)
+def read_log(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep,
+             after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0) -> list[JobLog]:
+    with ctx.sessions() as session:
+        load_job(session, token_id, job_id)
+        return list(session.scalars(select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id).offset(after)))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
+             responses={**NOT_FOUND, 409: {"description": "The job already finished."}})
+def cancel_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
+    """Cancel a queued job now, or ask a running one to stop (it stops at its next progress report)."""
+    with transaction(ctx.sessions) as session:
+        try:
+            return jobs.cancel(session, load_job(session, token_id, job_id))
+        except jobs.StateConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={**NOT_FOUND, 409: {"description": "The job is running: cancel it first."}})
+def delete_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> None:
+    """Delete a job and its front, allocations, log, builds and artifact records; then, once that
+    committed, the stored files no other job's artifact (nor a cached profile) shares."""
+    with transaction(ctx.sessions) as session:
+        try:
+            candidates = jobs.delete(session, load_job(session, token_id, job_id))
+        except jobs.StateConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    garbage.after_delete(ctx.sessions, ctx.storage, candidates)

@@ -1,0 +1,51 @@
+"""The FastAPI application: ``create_app(settings)``; ``bitalloc serve`` runs it under uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from bitalloc.service import dashboard
+from bitalloc.service.api import artifacts, exports, fronts, health, jobs
+from bitalloc.service.context import Context
+from bitalloc.service.dashboard import api as dashboard_api
+from bitalloc.service.metrics import registry_for
+from bitalloc.service.settings import Settings, get_settings
+from bitalloc.service.worker import LocalWorkers, Reaper
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Connect and migrate now; start the reaper (and, embedded, the worker threads) with the app."""
+    settings = settings or get_settings()
+    ctx = Context.create(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = Reaper(ctx)
+        workers = LocalWorkers(ctx, settings.worker_threads) if ctx.embedded else None
+        reaper.start()
+        if workers is not None:
+            workers.start()
+        try:
+            yield
+        finally:
+            if workers is not None:
+                workers.stop()
+            reaper.stop()
+            ctx.close()
+
+    app = FastAPI(title="bitalloc", version="1", lifespan=lifespan, docs_url="/v1/docs", redoc_url=None,
+                  openapi_url="/v1/openapi.json",
+                  description="Mixed-precision bit-allocation search: submit a model and budgets, read the "
+                              "Pareto front, download the configuration at a point.")
+    app.state.ctx = ctx
+    app.state.registry = registry_for(ctx)
+    v1 = APIRouter(prefix="/v1")
+    for router in (jobs.router, fronts.router, artifacts.router, exports.router, dashboard_api.router):
+        v1.include_router(router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    dashboard.mount(app)
+    return app

@@ -1,0 +1,162 @@
+"""A point's packed artifact, built in the background and kept as one downloadable file.
+
+A build is a job of kind ``artifact`` plus a ``Build`` row naming the point and the method,
+so it runs on the same workers under the same leases, retries and timeouts as a compression
+job. The worker writes the folder with ``quant.artifact.build_artifact`` (its manifest holds
+the provenance), packs it into one uncompressed tar (the weights are packed already) with
+fixed metadata, so the same build gives the same bytes, and stores the tar by sha256 as a
+``model`` artifact of the point's job, owned by the job's token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from bitalloc.quant.artifact import build_artifact
+from bitalloc.quant.calibration import calibration_for
+from bitalloc.quant.loading import LoadPolicy, load_model
+from bitalloc.quant.progress import ProgressFn
+from bitalloc.quant.quantizers import Method
+from bitalloc.service import jobs
+from bitalloc.service.models import LIVE_BUILD_STATES, Artifact, Build, Job, Point
+from bitalloc.pipeline.spec import JobSpec
+from bitalloc.service.schemas import JobCreate
+from bitalloc.service.settings import Settings
+from bitalloc.service.storage import BlobStore
+
+TAR = "application/x-tar"
+
+
+def request_hash(point_id: int, method: str) -> str:
+    """What makes two build requests the same one (a point's id is global, so its token is implied)."""
+    return hashlib.sha256(json.dumps({"point_id": point_id, "method": method}, sort_keys=True).encode()).hexdigest()
+
+
+def submit(session: Session, parent: Job, point_id: int, method: Method, settings: Settings) -> tuple[Build, bool]:
+    """The live (queued, running or succeeded) build of this point and method, or a new queued one.
+
+    Returns ``(build, created)``. A failed or canceled build is not live, so asking again
+    builds afresh. Two concurrent requests both try to insert; the partial unique index on
+    live builds lets one win and the other returns the winner's build.
+    """
+    digest = request_hash(point_id, method)
+    live = _live(session, digest)
+    if live is not None:
+        return live, False
+    job = Job(token_id=parent.token_id, kind="artifact", request_hash=digest, state="queued", spec={"method": method},
+              progress={}, max_attempts=settings.max_attempts, timeout_seconds=settings.job_timeout)
+    build = Build(job=job, parent_id=parent.id, point_id=point_id, method=method)
+    try:
+        with session.begin_nested():
+            session.add(build)
+    except IntegrityError:
+        live = _live(session, digest)
+        if live is None:
+            raise
+        return live, False
+    jobs.add_log(session, job.id, f"queued: the {method} artifact of point {point_id} of job {parent.id}")
+    return build, True
+
+
+def _live(session: Session, digest: str) -> Build | None:
+    return session.scalar(select(Build).join(Build.job).where(Job.request_hash == digest, Job.kind == "artifact",
+                                                              Job.state.in_(LIVE_BUILD_STATES)))
+
+
+def get_build(session: Session, token_id: int, build_id: uuid.UUID) -> Build | None:
+    """The token's build (with its job and artifact), or None, as for another token's."""
+    return session.scalar(select(Build).join(Build.job).where(Build.job_id == build_id, Job.token_id == token_id))
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a worker needs to build: the parent job's spec (model, calibration), the point's formats."""
+
+    spec: JobSpec
+    formats: dict[str, str]
+    method: Method
+    name: str
+
+
+def inputs(session: Session, job_id: uuid.UUID) -> BuildInputs:
+    """Read once, before the (long) build, so no transaction stays open while it runs."""
+    build = session.get_one(Build, job_id)
+    parent = session.get_one(Job, build.parent_id)
+    point = session.get_one(Point, build.point_id)
+    name = f"bitalloc-{parent.id.hex[:8]}-point{point.id}-{build.method}"
+    return BuildInputs(JobCreate.model_validate(parent.spec).to_spec(), dict(point.allocation.formats),
+                       cast(Method, build.method), name)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A built artifact's tar, already in the store."""
+
+    name: str
+    sha256: str
+    size: int
+    manifest: dict
+
+
+def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolicy, progress: ProgressFn) -> Packed:
+    """Build, pack and store the artifact. GPTQ fits on the parent job's own calibration set."""
+    progress(0, 1, "load")
+    model = load_model(build.spec.model, policy)
+    calibration = None
+    if build.method == "gptq":
+        calibration = calibration_for(model, build.spec.calibration, seq_len=build.spec.seq_len,
+                                      count=build.spec.samples, seed=build.spec.seed)
+    progress(1, 1, "load")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:
+        folder = Path(tmp) / build.name
+        artifact = build_artifact(model, build.formats, folder, method=build.method, calibration=calibration,
+                                  progress=progress)
+        progress(0, 1, "pack")
+        tar = Path(tmp) / f"{build.name}.tar"
+        pack(folder, tar)
+        sha256, size = storage.put_file(tar)
+        progress(1, 1, "pack")
+    manifest = {"layout": artifact.manifest["layout"], "bytes": artifact.manifest["bytes"]}
+    return Packed(tar.name, sha256, size, manifest)
+
+
+def pack(folder: Path, out: Path) -> None:
+    """Tar ``folder`` under its own name, in name order, with no times, owners or modes of this
+    machine: the same files give the same bytes (and so the same sha256) on any worker."""
+
+    def fixed(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(folder, arcname=folder.name, recursive=False, filter=fixed)
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=f"{folder.name}/{path.relative_to(folder).as_posix()}", recursive=False, filter=fixed)
+
+
+def store(session: Session, job_id: uuid.UUID, packed: Packed) -> Artifact:
+    """Record the tar as a ``model`` artifact of the point's job and link it to the build
+    (inside the transaction that marks the build succeeded)."""
+    build = session.get_one(Build, job_id)
+    parent = session.get_one(Job, build.parent_id)
+    artifact = Artifact(token_id=parent.token_id, job_id=parent.id, kind="model", name=packed.name, media_type=TAR,
+                        sha256=packed.sha256, size=packed.size,
+                        meta={"build_id": str(job_id), "point_id": build.point_id, "method": build.method,
+                              **packed.manifest})
+    session.add(artifact)
+    session.flush()
+    build.artifact_id = artifact.id
+    return artifact

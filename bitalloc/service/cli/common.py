@@ -1,0 +1,44 @@
+"""What the command groups share: failing with a message, budgets from options, JSON files, the service context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+FORMATS_HELP = "Comma-separated candidate formats, e.g. int3_g128,int4_g128,int5_g128,int6_g128,int8_g128."
+DEFAULT_FORMATS = "int2_g128,int3_g128,int4_g128,int5_g128,int6_g128,int8_g128"
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` to stderr; the caller raises the returned exit (status 1)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def budgets(avg_bits: float | None, max_bytes: int | None, latency: float | None, error: float | None) -> dict:
+    given = {"avg_bits": avg_bits, "bytes": max_bytes, "latency": latency, "error": error}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_allocation(path: Path) -> dict:
+    """An allocation file's ``{unit: format}``: ``alloc.json`` from solve/run, or a bare map."""
+    data = json.loads(path.read_text())
+    formats = data.get("formats", data) if isinstance(data, dict) else None
+    if not isinstance(formats, dict):
+        raise ValueError(f"{path}: expected an allocation ({{\"formats\": {{unit: format}}}}) or a {{unit: format}} map")
+    return formats
+
+
+def context():
+    """The service context from the settings (migrated unless BITALLOC_AUTO_MIGRATE=0)."""
+    from bitalloc.service.context import Context
+    from bitalloc.service.settings import get_settings
+
+    return Context.create(get_settings())

@@ -1,0 +1,223 @@
+"""``bitalloc run / profile / solve / front / evaluate``: the job's steps, one at a time or all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bitalloc.service.cli.common import DEFAULT_FORMATS, FORMATS_HELP, budgets, fail, read_allocation, write_json
+
+
+def run(
+    model: str = typer.Option("zoo:llm", help="Model spec: a local directory, a .gguf file, a hub id, zoo:NAME or factory:NAME."),
+    formats: str = typer.Option(DEFAULT_FORMATS, help=FORMATS_HELP),
+    metric: str = typer.Option("fisher_mse", help="Sensitivity metric (fisher_mse predicts KL; output_mse for "
+                                                  "modules whose outputs are not logits)."),
+    solver: str = typer.Option("dp", help="Solver: dp, ilp, greedy, nsga2, ..."),
+    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq."),
+    avg_bits: float | None = typer.Option(None, help="Budget: average bits per weight."),
+    max_bytes: int | None = typer.Option(None, help="Budget: total bytes."),
+    latency: float | None = typer.Option(None, help="Budget: predicted decode latency in seconds."),
+    error: float | None = typer.Option(None, help="Budget: predicted error."),
+    measured_kl: float | None = typer.Option(None, help="Accuracy target: the smallest allocation whose KL, measured "
+                                                        "window by window on the tuning text (or the --calibration text), is at most this "
+                                                        "with 95 % confidence."),
+    baseline: str | None = typer.Option(None, help="Pick the point by a published rule instead: uniform:FORMAT, "
+                                                   "layers:LOW/HIGH, llama.cpp:FTYPE, llama.cpp-plain:FTYPE, hawq_v3, nncf:LOW/HIGH."),
+    descend: int = typer.Option(0, help="At most this many measured descent steps from the chosen point: each solves "
+                                        "the KL's local model exactly, kept only if it measures better (0: none)."),
+    refine: int = typer.Option(0, help="Generations of measured refinement of the chosen point (0: none)."),
+    untie: bool = typer.Option(False, help="Let fused units (q/k/v, gate/up) take different formats: for runtimes "
+                                           "that store them apart (llama.cpp), not for vLLM."),
+    kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
+    kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
+    points: int = typer.Option(32, help="Points on the front sweep."),
+    calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
+    samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration/evaluation window."),
+    eval_windows: int = typer.Option(16, help="Held-out windows to evaluate the chosen point on."),
+    out: Path = typer.Option(Path("bitalloc-run"), help="Output folder: profile.npz, front.json, allocation.json, summary.json."),
+) -> None:
+    """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
+    from bitalloc.quant.loading import ModelLoadError
+    from bitalloc.search import InfeasibleBudget
+    from bitalloc.quant.profile import KVOptions
+    from bitalloc.pipeline.run import run_job
+    from bitalloc.pipeline.spec import MEASURED, JobSpec
+    from bitalloc.service.progress import progress_bar
+    from bitalloc.service.settings import get_settings
+
+    settings = get_settings()
+    limits = budgets(avg_bits, max_bytes, latency, error)
+    if measured_kl is not None:
+        limits[MEASURED] = measured_kl
+    spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver, method=method,  # type: ignore[arg-type]
+                   budgets=limits, points=points, calibration=calibration, samples=samples, seq_len=seq_len,
+                   eval_windows=eval_windows, baseline=baseline, descend=descend, refine=refine, ties=not untie,
+                   kv=None if kv_context is None else KVOptions(kv_context, kv_batch))
+    try:
+        with progress_bar() as progress:
+            result = run_job(spec, profile_dir=settings.profile_dir, policy=settings.load_policy(), progress=progress)
+    except (ModelLoadError, InfeasibleBudget, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    result.profile.save(out / "profile.npz")
+    write_json(out / "front.json", result.front.to_dict())
+    if result.chosen is not None:
+        write_json(out / "allocation.json", result.chosen.to_dict())
+    write_json(out / "summary.json", result.summary())
+    _print_run(result, out)
+
+
+def _print_run(result, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Front ({len(result.front)} points, {result.profile.meta['metric']}, "
+                        f"profile {'from cache' if result.profile_cached else 'computed'})")
+    for column in ("avg bits", "MiB", "predicted error", "latency us"):
+        table.add_column(column, justify="right")
+    for allocation in result.front:
+        latency = "-" if allocation.latency is None else f"{allocation.latency * 1e6:.0f}"
+        table.add_row(f"{allocation.avg_bits:.3f}", f"{allocation.bytes / 2**20:.2f}", f"{allocation.error:.4g}", latency)
+    console.print(table)
+    if result.chosen is not None:
+        chosen = result.chosen
+        console.print(f"chosen: {chosen.avg_bits:.3f} avg bits, {chosen.bytes / 2**20:.2f} MiB, predicted error {chosen.error:.4g}")
+        counts: dict[str, int] = {}
+        for name in chosen.formats.values():
+            counts[name] = counts.get(name, 0) + 1
+        console.print("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if result.evaluation:
+        e = result.evaluation
+        console.print(f"held-out: perplexity {e['perplexity']:.3f} (unquantized {e['reference_perplexity']:.3f}), "
+                      f"KL {e['kl']:.4f}, top-1 agreement {e['top1']:.3f} on {e['tokens']} tokens")
+    console.print(f"timings: {result.seconds}; written to {out}/")
+
+
+def profile(
+    model: str = typer.Option(..., help="Model spec."),
+    metric: str = typer.Option("fisher_mse", help="Sensitivity metric."),
+    formats: str = typer.Option(DEFAULT_FORMATS, help=FORMATS_HELP),
+    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq (GPTQ's error for integer formats)."),
+    calibration: str | None = typer.Option(None, help="Calibration source."),
+    samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
+    seq_len: int = typer.Option(512, help="Tokens per window."),
+    kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
+    kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
+    device: str = typer.Option("h100", help="Latency target device."),
+    out: Path = typer.Option(Path("profile.npz"), help="Where to write the profile."),
+) -> None:
+    """Measure every unit x format cell of a model and write the profile."""
+    from bitalloc.quant.calibration import calibration_for
+    from bitalloc.quant.formats import parse_formats
+    from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.profile import KVOptions, ProfileCache
+    from bitalloc.quant.units import enumerate_units
+    from bitalloc.service.progress import progress_bar
+    from bitalloc.service.settings import get_settings
+
+    settings = get_settings()
+    try:
+        candidates = parse_formats(formats)
+        loaded = load_model(model, settings.load_policy())
+        kv = None if kv_context is None else KVOptions(kv_context, kv_batch)
+        units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs, kv_cache=kv is not None)
+        data = calibration_for(loaded, calibration, seq_len=seq_len, count=samples)
+        with progress_bar() as progress:
+            result, cached = ProfileCache(settings.profile_dir).get_or_build(
+                loaded, units, candidates, metric, data, method=method, kv=kv, device=device, progress=progress)
+    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    result.save(out)
+    took = "from cache" if cached else f"{result.meta['seconds']} s"
+    typer.echo(f"{len(result.units)} units x {len(result.formats)} formats ({took}) -> {out}")
+
+
+def solve(
+    profile: Path = typer.Option(..., help="A profile written by `bitalloc profile` or `bitalloc run`."),
+    solver: str = typer.Option("dp", help="Solver: dp, ilp, greedy, nsga2, ..."),
+    avg_bits: float | None = typer.Option(None, help="Budget: average bits per weight."),
+    max_bytes: int | None = typer.Option(None, help="Budget: total bytes."),
+    latency: float | None = typer.Option(None, help="Budget: predicted latency in seconds."),
+    error: float | None = typer.Option(None, help="Budget: predicted error (minimises bytes when alone)."),
+    out: Path = typer.Option(Path("alloc.json"), help="Where to write the allocation."),
+) -> None:
+    """Solve one budget on a stored profile."""
+    from bitalloc.quant.profile import Profile
+    from bitalloc.search import InfeasibleBudget
+    from bitalloc.search import solve as solve_problem
+    from bitalloc.pipeline.spec import JobSpec
+    from bitalloc.pipeline.problem import problem_of
+
+    given = budgets(avg_bits, max_bytes, latency, error)
+    if not given:
+        raise typer.BadParameter("give at least one budget", param_hint="--avg-bits/--max-bytes/--latency/--error")
+    try:
+        problem = problem_of(Profile.load(profile))
+        objective = "bytes" if set(given) == {"error"} else "error"
+        allocation = solve_problem(problem, JobSpec(model="", formats=[], budgets=given).budgets_object(),
+                                   solver=solver, objective=objective)
+    except (InfeasibleBudget, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    write_json(out, allocation.to_dict())
+    typer.echo(f"{allocation.avg_bits:.3f} avg bits, {allocation.bytes} bytes, predicted error {allocation.error:.6g} -> {out}")
+
+
+def front(
+    profile: Path = typer.Option(..., help="A stored profile."),
+    points: int = typer.Option(64, help="Budgets to sweep between the cheapest and the dearest allocation."),
+    solver: str = typer.Option("dp", help="dp, ilp or nsga2."),
+    out: Path = typer.Option(Path("front.json"), help="Where to write the front."),
+) -> None:
+    """Sweep the error/size front of a stored profile."""
+    from bitalloc.quant.profile import Profile
+    from bitalloc.search import front as sweep
+    from bitalloc.pipeline.problem import problem_of
+
+    try:
+        result = sweep(problem_of(Profile.load(profile)), ("error", "bytes"), points, solver=solver)
+    except (ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    write_json(out, result.to_dict())
+    typer.echo(f"{len(result)} non-dominated points -> {out}")
+
+
+def evaluate(
+    model: str = typer.Option(..., help="Model spec."),
+    allocation: Path = typer.Option(..., help="alloc.json from `bitalloc solve` (or a {unit: format} map)."),
+    method: str = typer.Option("rtn", help="rtn or gptq."),
+    source: str = typer.Option("zoo:evaluation", help="Held-out text."),
+    windows: int = typer.Option(16, help="Windows to score."),
+    seq_len: int = typer.Option(512, help="Tokens per window."),
+) -> None:
+    """Held-out perplexity, KL from the 16-bit model and top-1 agreement of an allocation."""
+    import json
+
+    from bitalloc.quant.calibration import calibration_for, evaluation_tokens
+    from bitalloc.quant.evaluate import Evaluator
+    from bitalloc.quant.hessian import calibration_hessians
+    from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.units import enumerate_units
+    from bitalloc.service.settings import get_settings
+
+    try:
+        formats = read_allocation(allocation)
+        loaded = load_model(model, get_settings().load_policy())
+        units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs)
+        hessians = None
+        if method == "gptq":
+            calib = calibration_for(loaded, None, seq_len=seq_len)
+            hessians = calibration_hessians(loaded.module, units, calib)
+        evaluator = Evaluator(loaded, evaluation_tokens(loaded.tokenizer, source, seq_len=seq_len, max_windows=windows))
+        result = evaluator.evaluate(formats, method=method, hessians=hessians, units=units)  # type: ignore[arg-type]
+    except (ModelLoadError, ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    for name, command in (("run", run), ("profile", profile), ("solve", solve), ("front", front),
+                          ("evaluate", evaluate)):
+        app.command(name)(command)

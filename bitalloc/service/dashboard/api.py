@@ -1,0 +1,53 @@
+"""What the dashboard reads besides the front: a job's units laid out for the heatmap, and its baselines.
+
+Both come from the job's stored profile, so they exist exactly when the front does (404/409
+as for the front).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+
+from fastapi import APIRouter, HTTPException, status
+
+from bitalloc.quant.profile import Profile
+from bitalloc.service.api.deps import ContextDep, TokenDep
+from bitalloc.service.api.fronts import RESPONSES, load_front
+from bitalloc.pipeline.baselines import baseline_points
+from bitalloc.service.context import Context
+from bitalloc.service.dashboard.layout import format_bits, unit_rows
+from bitalloc.service.schemas import BaselinesOut, UnitsOut
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["dashboard"])
+GONE = {410: {"description": "The job's profile is no longer in storage."}}
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> Profile:
+    """Profiles are stored by content hash, so a path always holds the same profile and may be cached
+    (the page asks for units and baselines of the same job one after the other)."""
+    return Profile.load(path)
+
+
+def job_profile(ctx: Context, token_id: int, job_id: uuid.UUID) -> Profile:
+    with ctx.sessions() as session:
+        _, _, profile = load_front(session, token_id, job_id)
+        sha256 = profile.sha256
+    try:
+        return _load(str(ctx.storage.path(sha256)))
+    except FileNotFoundError as exc:
+        raise HTTPException(status.HTTP_410_GONE, "the job's profile is no longer in storage") from exc
+
+
+@router.get("/units", response_model=UnitsOut, responses={**RESPONSES, **GONE})
+def read_units(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
+    """The job's units with their heatmap place (block, column), and each format's bits per weight."""
+    profile = job_profile(ctx, token_id, job_id)
+    return {"units": unit_rows(profile), "formats": format_bits(profile)}
+
+
+@router.get("/baselines", response_model=BaselinesOut, responses={**RESPONSES, **GONE})
+def read_baselines(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
+    """Reference allocations on the job's own profile (uniform: every unit in one format), smallest first."""
+    return {"points": baseline_points(job_profile(ctx, token_id, job_id))}

@@ -1,0 +1,59 @@
+"""How a submitted job reaches a worker.
+
+The database is the record of every job; a queue only carries "job X is ready" to a worker.
+``LocalQueue`` (embedded) wakes the in-process worker threads, which claim queued jobs from
+the database; ``RQQueue`` (scaled out) puts the id on Redis for ``bitalloc worker``. Either
+way a worker claims a job with a compare-and-set on its state, so a message delivered twice
+runs the job once.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Protocol
+
+EXECUTE = "bitalloc.service.worker.execute"
+
+
+class JobQueue(Protocol):
+    def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
+        """Make a queued job (about to start attempt ``attempt``) reach a worker."""
+
+    def check(self) -> None:
+        """Raise when the queue cannot take jobs (readiness)."""
+
+
+class LocalQueue:
+    """The embedded queue: the database holds the jobs, this event wakes the workers."""
+
+    def __init__(self) -> None:
+        self.wakeup = threading.Event()
+
+    def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
+        self.wakeup.set()
+
+    def check(self) -> None:
+        return None
+
+
+class RQQueue:
+    """RQ on Redis; a job that outlives ``job_timeout`` (plus a grace period in which the job's
+    own deadline check reports it) is killed by RQ and failed by the reaper."""
+
+    GRACE_SECONDS = 60
+
+    def __init__(self, redis_url: str, name: str, job_timeout: float) -> None:
+        from redis import Redis
+        from rq import Queue
+
+        self.redis = Redis.from_url(redis_url)
+        self.rq = Queue(name, connection=self.redis)
+        self.job_timeout = int(job_timeout) + self.GRACE_SECONDS
+
+    def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
+        self.rq.enqueue(EXECUTE, str(job_id), job_id=f"bitalloc-{job_id.hex}-{attempt}",
+                        job_timeout=self.job_timeout, result_ttl=3600, failure_ttl=7 * 86400)
+
+    def check(self) -> None:
+        self.redis.ping()

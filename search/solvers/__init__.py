@@ -1,3 +1,0 @@
-"""The solvers; importing this package registers them by name."""
-
-from search.solvers import descent, dp, greedy, ilp, nsga2, optuna_study, refine  # noqa: F401  (registration)

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bitalloc.quant.profile import Profile
+from bitalloc.search import InfeasibleBudget, solve
+from bitalloc.service.cli import app
+from bitalloc.pipeline import JobSpec, run_job
+from bitalloc.pipeline.problem import problem_of
+
+FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
+
+
+def spec(**overrides) -> JobSpec:
+    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets={"avg_bits": 5.0}, points=8,
+                seq_len=32, samples=4, eval_windows=2)
+    return JobSpec(**{**base, **overrides})
+
+
+def test_run_job_matches_search_on_the_stored_profile(tmp_path, zoo):
+    result = run_job(spec(), profile_dir=tmp_path)
+    assert not result.profile_cached
+    direct = solve(problem_of(result.profile), spec().budgets_object(), solver="dp")
+    assert result.chosen.formats == direct.formats and result.chosen.avg_bits <= 5.0
+    assert len(result.front) >= 2
+    assert result.evaluation["kl"] > 0 and result.evaluation["tokens"] == 2 * 31
+    again = run_job(spec(), profile_dir=tmp_path)
+    assert again.profile_cached and again.chosen.formats == result.chosen.formats
+
+
+def test_infeasible_budget_names_the_smallest_achievable_value(tmp_path, zoo):
+    with pytest.raises(InfeasibleBudget, match="avg"):
+        run_job(spec(budgets={"avg_bits": 1.0}), profile_dir=tmp_path)
+
+
+def test_bad_budget_keys_and_formats_are_named(tmp_path):
+    with pytest.raises(ValueError, match="budgets: unknown keys"):
+        run_job(spec(budgets={"bits": 4}), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="format 'int7_g32': integer widths"):
+        run_job(spec(formats=["int7_g32"]), profile_dir=tmp_path)
+
+
+def test_cli_profile_solve_front_and_run(tmp_path, zoo, monkeypatch):
+    monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
+    from bitalloc.service.settings import get_settings
+
+    get_settings.cache_clear()
+    runner = CliRunner()
+    profile = tmp_path / "p.npz"
+    done = runner.invoke(app, ["profile", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS),
+                               "--samples", "4", "--seq-len", "32", "--out", str(profile)])
+    assert done.exit_code == 0, done.output
+    alloc = tmp_path / "alloc.json"
+    done = runner.invoke(app, ["solve", "--profile", str(profile), "--avg-bits", "4.5", "--out", str(alloc)])
+    assert done.exit_code == 0, done.output
+    assert json.loads(alloc.read_text())["avg_bits"] <= 4.5
+    front = tmp_path / "front.json"
+    done = runner.invoke(app, ["front", "--profile", str(profile), "--points", "6", "--out", str(front)])
+    assert done.exit_code == 0 and len(json.loads(front.read_text())["allocations"]) >= 2
+    done = runner.invoke(app, ["solve", "--profile", str(profile), "--avg-bits", "0.5", "--out", str(alloc)])
+    assert done.exit_code == 1 and "error:" in done.output
+    out = tmp_path / "run"
+    done = runner.invoke(app, ["run", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS), "--avg-bits", "5",
+                               "--samples", "4", "--seq-len", "32", "--eval-windows", "2", "--points", "6", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chosen"]["avg_bits"] <= 5 and Profile.load(out / "profile.npz").meta["metric"] == "fisher_mse"
+    baseline = tmp_path / "baseline"
+    done = runner.invoke(app, ["run", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS), "--samples", "4",
+                               "--seq-len", "32", "--eval-windows", "2", "--points", "6", "--baseline",
+                               "llama.cpp:Q4_K_M", "--out", str(baseline)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((baseline / "allocation.json").read_text())["solver"].startswith("llamacpp")
+    done = runner.invoke(app, ["run", "--model", "factory:tiny-llama", "--formats", ",".join(FORMATS), "--baseline",
+                               "hawq_v3", "--samples", "4", "--seq-len", "32", "--out", str(baseline)])
+    assert done.exit_code == 1 and "avg_bits budget" in done.output
+    get_settings.cache_clear()
+
+
+def test_calibration_and_evaluation_text_must_not_overlap(tmp_path, zoo):
+    text = tmp_path / "same.txt"
+    text.write_text("The same words calibrate and evaluate here. " * 200)
+    with pytest.raises(ValueError, match="share 1 document"):
+        run_job(spec(calibration=str(text), evaluation=str(text)), profile_dir=tmp_path)
+
+
+def test_cli_build_and_generate_an_artifact(tmp_path, zoo):
+    from bitalloc.quant.loading import load_model
+    from bitalloc.quant.units import enumerate_units
+
+    units = enumerate_units(load_model("factory:tiny-llama").module).weights
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"formats": {u.name: ("int4_g32" if i % 2 else "int8_g32") for i, u in enumerate(units)}}))
+    runner = CliRunner()
+    out = tmp_path / "artifact"
+    done = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert (out / "bitalloc_artifact.json").exists()
+    done = runner.invoke(app, ["generate", "--artifact", str(out), "--prompt", "The nation", "--max-new-tokens", "3"])
+    assert done.exit_code == 0 and done.output.startswith("The nation"), done.output
+    done = runner.invoke(app, ["generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"])
+    assert done.exit_code == 1 and "error:" in done.output
