@@ -26,8 +26,8 @@ import torch
 from scipy.stats import spearmanr
 
 from bench.quality import RESULTS, WIDTHS, Bench, arguments, pair_for
-from bitalloc.search import Allocation, Budgets, Problem, baselines, solve
 from bitalloc.pipeline.problem import problem_of
+from bitalloc.search import Allocation, Budgets, Problem, baselines, solve
 
 
 def allocations(bench: Bench, problem: Problem, targets: list[float]) -> list[tuple[str, str, Allocation]]:

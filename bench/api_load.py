@@ -52,9 +52,9 @@ def seed(settings) -> tuple[str, str, int, int]:
     from bitalloc.service.context import Context
     from bitalloc.service.db import transaction
     from bitalloc.service.jobs import submit
-    from bitalloc.service.models import Job
+    from bitalloc.service.models import JobRecord
     from bitalloc.service.schemas import JobCreate
-    from bitalloc.service.worker import Executor
+    from bitalloc.service.executor import Executor
 
     ctx = Context.create(settings)
     with transaction(ctx.sessions) as session:
@@ -63,7 +63,7 @@ def seed(settings) -> tuple[str, str, int, int]:
     if Executor(ctx).run(job.id) != "succeeded":
         raise SystemExit("the seed job did not succeed")
     with ctx.sessions() as session:
-        stored = session.get(Job, job.id)
+        stored = session.get(JobRecord, job.id)
         chosen, points = stored.result["chosen_point_id"], len(stored.front.points)
     ctx.close()
     return secret, str(job.id), chosen, points

@@ -44,11 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bitalloc.pipeline.baselines import model_info, unit_infos
+from bitalloc.pipeline.problem import problem_of
 from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
 from bitalloc.quant.costs import LatencyModel
 from bitalloc.quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
-from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.loading import LoadedModel, load_model
 from bitalloc.quant.metrics import METRICS
 from bitalloc.quant.metrics.context import ProfilingContext
@@ -57,11 +59,8 @@ from bitalloc.quant.metrics.kv_kl import kv_errors
 from bitalloc.quant.profile import KVOptions, Profile, cost_tables, model_fingerprint, profile_key
 from bitalloc.quant.sensitivity import nncf_scores
 from bitalloc.quant.units import UnitSet, enumerate_units
-from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
-from bitalloc.search import baselines
+from bitalloc.search import Allocation, Budgets, Problem, baselines, get_solver, smallest_within, solve
 from bitalloc.search.solvers.refine import staged_schedule
-from bitalloc.pipeline.baselines import model_info, unit_infos
-from bitalloc.pipeline.problem import problem_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "bitalloc" / "bench" / "quality"

@@ -42,10 +42,14 @@ def tree_digest(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """bitalloc's wheel, built from this checkout as ``pip install .`` builds it."""
-    out = tmp_path_factory.mktemp("wheel")
+    """bitalloc's wheel, built as ``pip install .`` builds it, from a copy of the checkout (the build
+    writes ``build/`` and ``*.egg-info`` beside the sources)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "bitalloc", source / "bitalloc", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(REPO)], check=True, cwd=out)
+                    "--wheel-dir", str(out), str(source)], check=True, cwd=out)
     (built,) = out.glob("bitalloc-*.whl")
     return built
 

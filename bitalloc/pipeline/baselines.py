@@ -14,14 +14,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bitalloc.pipeline.problem import problem_of
 from bitalloc.quant.gguf_names import gguf_kind
 from bitalloc.quant.profile import Profile
 from bitalloc.quant.sensitivity import DEFAULT_WITH_DATA as NNCF_CRITERION
 from bitalloc.quant.units import Unit
 from bitalloc.search import Allocation, Budgets, Problem
-from bitalloc.search.baselines import (FTYPES, ModelInfo, UnitInfo, hawq_v3, layer_mix, llamacpp, nncf_ratio, rescore,
-                              uniform)
-from bitalloc.pipeline.problem import problem_of
+from bitalloc.search.baselines import (
+    FTYPES,
+    ModelInfo,
+    UnitInfo,
+    hawq_v3,
+    layer_mix,
+    llamacpp,
+    nncf_ratio,
+    rescore,
+    uniform,
+)
 
 
 def baseline_point(name: str, kind: str, allocation: Allocation) -> dict[str, Any]:

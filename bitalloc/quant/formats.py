@@ -120,10 +120,6 @@ class Format(ABC):
         """Quantize-dequantize for simulation, in ``w``'s dtype; equal to what the artifact holds."""
         return self.quantize(w).dequantize().to(w.dtype)
 
-    def bits_per_element(self, shape: tuple[int, int]) -> float:
-        n, k = shape
-        return 8.0 * self.nbytes(shape) / (n * k)
-
     def __repr__(self) -> str:
         return f"Format({self.name!r})"
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.calibration import CalibrationSet
+from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.units import Unit, UnitSet, is_transposed_conv1d
 
 

@@ -22,7 +22,7 @@ import torch
 
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.costs import LatencyModel, unit_bytes
-from bitalloc.quant.formats import Format, get_format
+from bitalloc.quant.formats import Format
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
@@ -198,7 +198,3 @@ class ProfileCache:
         profile.meta["key"] = key
         profile.save(path)
         return profile, False
-
-
-def formats_of(profile: Profile) -> list[Format]:
-    return [get_format(name) for name in profile.formats]

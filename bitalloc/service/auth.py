@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bitalloc.service.models import Token, utcnow
+from bitalloc.service.models import TokenRecord, utcnow
 
 PREFIX = "bat_"
 
@@ -22,26 +22,26 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(session: Session, name: str) -> tuple[Token, str]:
+def create_token(session: Session, name: str) -> tuple[TokenRecord, str]:
     """A new token row and its secret (the only time the secret exists in clear)."""
     if not name.strip():
         raise ValueError("name: a token needs a name")
     secret = PREFIX + secrets.token_urlsafe(32)
-    token = Token(name=name.strip(), token_hash=hash_token(secret), prefix=secret[:10])
+    token = TokenRecord(name=name.strip(), token_hash=hash_token(secret), prefix=secret[:10])
     session.add(token)
     session.flush()
     return token, secret
 
 
-def find_token(session: Session, secret: str) -> Token | None:
+def find_token(session: Session, secret: str) -> TokenRecord | None:
     """The live token with this secret, or None (unknown or revoked)."""
-    token = session.scalar(select(Token).where(Token.token_hash == hash_token(secret)))
+    token = session.scalar(select(TokenRecord).where(TokenRecord.token_hash == hash_token(secret)))
     return token if token is not None and token.revoked_at is None else None
 
 
 def revoke_tokens(session: Session, name: str) -> int:
     """Revoke every live token with this name; returns how many."""
-    tokens = session.scalars(select(Token).where(Token.name == name, Token.revoked_at.is_(None))).all()
+    tokens = session.scalars(select(TokenRecord).where(TokenRecord.name == name, TokenRecord.revoked_at.is_(None))).all()
     for token in tokens:
         token.revoked_at = utcnow()
     return len(tokens)

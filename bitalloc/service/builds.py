@@ -23,14 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bitalloc.pipeline.spec import JobSpec
 from bitalloc.quant.artifact import build_artifact
 from bitalloc.quant.calibration import calibration_for
 from bitalloc.quant.loading import LoadPolicy, load_model
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.quantizers import Method
 from bitalloc.service import jobs
-from bitalloc.service.models import LIVE_BUILD_STATES, Artifact, Build, Job, Point
-from bitalloc.pipeline.spec import JobSpec
+from bitalloc.service.models import LIVE_BUILD_STATES, ArtifactRecord, BuildRecord, JobRecord, PointRecord
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
 from bitalloc.service.storage import BlobStore
@@ -43,7 +43,9 @@ def request_hash(point_id: int, method: str) -> str:
     return hashlib.sha256(json.dumps({"point_id": point_id, "method": method}, sort_keys=True).encode()).hexdigest()
 
 
-def submit(session: Session, parent: Job, point_id: int, method: Method, settings: Settings) -> tuple[Build, bool]:
+def submit(
+    session: Session, parent: JobRecord, point_id: int, method: Method, settings: Settings
+) -> tuple[BuildRecord, bool]:
     """The live (queued, running or succeeded) build of this point and method, or a new queued one.
 
     Returns ``(build, created)``. A failed or canceled build is not live, so asking again
@@ -54,9 +56,17 @@ def submit(session: Session, parent: Job, point_id: int, method: Method, setting
     live = _live(session, digest)
     if live is not None:
         return live, False
-    job = Job(token_id=parent.token_id, kind="artifact", request_hash=digest, state="queued", spec={"method": method},
-              progress={}, max_attempts=settings.max_attempts, timeout_seconds=settings.job_timeout)
-    build = Build(job=job, parent_id=parent.id, point_id=point_id, method=method)
+    job = JobRecord(
+        token_id=parent.token_id,
+        kind="artifact",
+        request_hash=digest,
+        state="queued",
+        spec={"method": method},
+        progress={},
+        max_attempts=settings.max_attempts,
+        timeout_seconds=settings.job_timeout,
+    )
+    build = BuildRecord(job=job, parent_id=parent.id, point_id=point_id, method=method)
     try:
         with session.begin_nested():
             session.add(build)
@@ -69,14 +79,19 @@ def submit(session: Session, parent: Job, point_id: int, method: Method, setting
     return build, True
 
 
-def _live(session: Session, digest: str) -> Build | None:
-    return session.scalar(select(Build).join(Build.job).where(Job.request_hash == digest, Job.kind == "artifact",
-                                                              Job.state.in_(LIVE_BUILD_STATES)))
+def _live(session: Session, digest: str) -> BuildRecord | None:
+    return session.scalar(
+        select(BuildRecord)
+        .join(BuildRecord.job)
+        .where(JobRecord.request_hash == digest, JobRecord.kind == "artifact", JobRecord.state.in_(LIVE_BUILD_STATES))
+    )
 
 
-def get_build(session: Session, token_id: int, build_id: uuid.UUID) -> Build | None:
+def get_build(session: Session, token_id: int, build_id: uuid.UUID) -> BuildRecord | None:
     """The token's build (with its job and artifact), or None, as for another token's."""
-    return session.scalar(select(Build).join(Build.job).where(Build.job_id == build_id, Job.token_id == token_id))
+    return session.scalar(
+        select(BuildRecord).join(BuildRecord.job).where(BuildRecord.job_id == build_id, JobRecord.token_id == token_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -91,12 +106,16 @@ class BuildInputs:
 
 def inputs(session: Session, job_id: uuid.UUID) -> BuildInputs:
     """Read once, before the (long) build, so no transaction stays open while it runs."""
-    build = session.get_one(Build, job_id)
-    parent = session.get_one(Job, build.parent_id)
-    point = session.get_one(Point, build.point_id)
+    build = session.get_one(BuildRecord, job_id)
+    parent = session.get_one(JobRecord, build.parent_id)
+    point = session.get_one(PointRecord, build.point_id)
     name = f"bitalloc-{parent.id.hex[:8]}-point{point.id}-{build.method}"
-    return BuildInputs(JobCreate.model_validate(parent.spec).to_spec(), dict(point.allocation.formats),
-                       cast(Method, build.method), name)
+    return BuildInputs(
+        JobCreate.model_validate(parent.spec).to_spec(),
+        dict(point.allocation.formats),
+        cast(Method, build.method),
+        name,
+    )
 
 
 @dataclass(frozen=True)
@@ -115,14 +134,16 @@ def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolic
     model = load_model(build.spec.model, policy)
     calibration = None
     if build.method == "gptq":
-        calibration = calibration_for(model, build.spec.calibration, seq_len=build.spec.seq_len,
-                                      count=build.spec.samples, seed=build.spec.seed)
+        calibration = calibration_for(
+            model, build.spec.calibration, seq_len=build.spec.seq_len, count=build.spec.samples, seed=build.spec.seed
+        )
     progress(1, 1, "load")
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:
         folder = Path(tmp) / build.name
-        artifact = build_artifact(model, build.formats, folder, method=build.method, calibration=calibration,
-                                  progress=progress)
+        artifact = build_artifact(
+            model, build.formats, folder, method=build.method, calibration=calibration, progress=progress
+        )
         progress(0, 1, "pack")
         tar = Path(tmp) / f"{build.name}.tar"
         pack(folder, tar)
@@ -147,15 +168,21 @@ def pack(folder: Path, out: Path) -> None:
             tar.add(path, arcname=f"{folder.name}/{path.relative_to(folder).as_posix()}", recursive=False, filter=fixed)
 
 
-def store(session: Session, job_id: uuid.UUID, packed: Packed) -> Artifact:
+def store(session: Session, job_id: uuid.UUID, packed: Packed) -> ArtifactRecord:
     """Record the tar as a ``model`` artifact of the point's job and link it to the build
     (inside the transaction that marks the build succeeded)."""
-    build = session.get_one(Build, job_id)
-    parent = session.get_one(Job, build.parent_id)
-    artifact = Artifact(token_id=parent.token_id, job_id=parent.id, kind="model", name=packed.name, media_type=TAR,
-                        sha256=packed.sha256, size=packed.size,
-                        meta={"build_id": str(job_id), "point_id": build.point_id, "method": build.method,
-                              **packed.manifest})
+    build = session.get_one(BuildRecord, job_id)
+    parent = session.get_one(JobRecord, build.parent_id)
+    artifact = ArtifactRecord(
+        token_id=parent.token_id,
+        job_id=parent.id,
+        kind="model",
+        name=packed.name,
+        media_type=TAR,
+        sha256=packed.sha256,
+        size=packed.size,
+        meta={"build_id": str(job_id), "point_id": build.point_id, "method": build.method, **packed.manifest},
+    )
     session.add(artifact)
     session.flush()
     build.artifact_id = artifact.id

@@ -21,7 +21,7 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bitalloc.service.models import FINISHED_STATES, Artifact, Build, Job, JobLog, utcnow
+from bitalloc.service.models import FINISHED_STATES, ArtifactRecord, BuildRecord, JobLogRecord, JobRecord, utcnow
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
 
@@ -39,7 +39,7 @@ def request_hash(request: JobCreate) -> str:
 
 
 def submit(session: Session, token_id: int, request: JobCreate, settings: Settings,
-           idempotency_key: str | None = None) -> tuple[Job, bool]:
+           idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
     """Store a new queued job, or return the one this token already made with this key.
 
     Returns ``(job, created)``. Two concurrent submissions with one key both try to insert;
@@ -50,7 +50,7 @@ def submit(session: Session, token_id: int, request: JobCreate, settings: Settin
         existing = _by_key(session, token_id, idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
-    job = Job(token_id=token_id, idempotency_key=idempotency_key, request_hash=digest, state="queued",
+    job = JobRecord(token_id=token_id, idempotency_key=idempotency_key, request_hash=digest, state="queued",
               spec=request.model_dump(mode="json"), progress={}, max_attempts=settings.max_attempts,
               timeout_seconds=settings.job_timeout)
     try:
@@ -67,44 +67,57 @@ def submit(session: Session, token_id: int, request: JobCreate, settings: Settin
     return job, True
 
 
-def _by_key(session: Session, token_id: int, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.token_id == token_id, Job.idempotency_key == key))
+def _by_key(session: Session, token_id: int, key: str) -> JobRecord | None:
+    return session.scalar(select(JobRecord).where(JobRecord.token_id == token_id, JobRecord.idempotency_key == key))
 
 
-def _same_request(job: Job, digest: str) -> Job:
+def _same_request(job: JobRecord, digest: str) -> JobRecord:
     if job.request_hash != digest:
         raise IdempotencyMismatch("this Idempotency-Key was already used for a different request")
     return job
 
 
-def get_job(session: Session, token_id: int, job_id: uuid.UUID) -> Job | None:
+def get_job(session: Session, token_id: int, job_id: uuid.UUID) -> JobRecord | None:
     """The token's job, or None: another token's job is indistinguishable from a missing one."""
-    return session.scalar(select(Job).where(Job.id == job_id, Job.token_id == token_id, Job.kind == "compress"))
+    return session.scalar(
+        select(JobRecord).where(JobRecord.id == job_id, JobRecord.token_id == token_id, JobRecord.kind == "compress")
+    )
 
 
-def list_jobs(session: Session, token_id: int, state: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-    where = [Job.token_id == token_id, Job.kind == "compress"] + ([Job.state == state] if state else [])
-    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
-    rows = session.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+def list_jobs(
+    session: Session, token_id: int, state: str | None, limit: int, offset: int
+) -> tuple[list[JobRecord], int]:
+    where = [JobRecord.token_id == token_id, JobRecord.kind == "compress"] + (
+        [JobRecord.state == state] if state else []
+    )
+    total = session.scalar(select(func.count()).select_from(JobRecord).where(*where)) or 0
+    rows = session.scalars(
+        select(JobRecord).where(*where).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
+    )
     return list(rows), total
 
 
 def add_log(session: Session, job_id: uuid.UUID, message: str, level: str = "info") -> None:
-    session.add(JobLog(job_id=job_id, message=message, level=level))
+    session.add(JobLogRecord(job_id=job_id, message=message, level=level))
 
 
-def cancel(session: Session, job: Job) -> Job:
+def cancel(session: Session, job: JobRecord) -> JobRecord:
     """A queued job is canceled at once; a running one is asked to stop (its worker sees the
     request at its next progress report or heartbeat and stops)."""
     if job.state in FINISHED_STATES:
         raise StateConflict(f"job is already {job.state}")
     now = utcnow()
-    done = session.execute(update(Job).where(Job.id == job.id, Job.state == "queued")
-                           .values(state="canceled", finished_at=now, error="canceled by request"))
+    done = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job.id, JobRecord.state == "queued")
+        .values(state="canceled", finished_at=now, error="canceled by request")
+    )
     if done.rowcount:
         add_log(session, job.id, "canceled while queued")
     else:
-        session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(cancel_requested=True))
+        session.execute(
+            update(JobRecord).where(JobRecord.id == job.id, JobRecord.state == "running").values(cancel_requested=True)
+        )
         add_log(session, job.id, "cancel requested")
     session.refresh(job)
     return job
@@ -112,12 +125,15 @@ def cancel(session: Session, job: Job) -> Job:
 
 def fail_queued(session: Session, job_id: uuid.UUID, reason: str) -> None:
     """Fail a job that never reached a worker (the queue refused it)."""
-    session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
-                    .values(state="failed", error=reason, finished_at=utcnow()))
+    session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.state == "queued")
+        .values(state="failed", error=reason, finished_at=utcnow())
+    )
     add_log(session, job_id, reason, "error")
 
 
-def delete(session: Session, job: Job) -> set[str]:
+def delete(session: Session, job: JobRecord) -> set[str]:
     """Delete a job with its front, allocations, log, artifact records and builds (not while it
     or one of its builds runs).
 
@@ -127,36 +143,48 @@ def delete(session: Session, job: Job) -> set[str]:
     """
     if job.state == "running":
         raise StateConflict("job is running: cancel it first")
-    builds = select(Build.job_id).where(Build.parent_id == job.id)
-    if session.scalar(select(exists().where(Job.id.in_(builds), Job.state == "running"))):
+    builds = select(BuildRecord.job_id).where(BuildRecord.parent_id == job.id)
+    if session.scalar(select(exists().where(JobRecord.id.in_(builds), JobRecord.state == "running"))):
         raise StateConflict("a build of this job is running: cancel it first")
-    owners = or_(Artifact.job_id == job.id, Artifact.job_id.in_(builds))
-    candidates = set(session.scalars(select(Artifact.sha256).where(owners)))
+    owners = or_(ArtifactRecord.job_id == job.id, ArtifactRecord.job_id.in_(builds))
+    candidates = set(session.scalars(select(ArtifactRecord.sha256).where(owners)))
     # A build's job row is not a child of the parent's in the schema, so it goes explicitly.
-    session.execute(delete_rows(Job).where(Job.id.in_(builds)))
+    session.execute(delete_rows(JobRecord).where(JobRecord.id.in_(builds)))
     session.delete(job)
     return candidates
 
 
-def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> Job | None:
+def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> JobRecord | None:
     """Start an attempt at a queued job under a fresh lease; None if it is not queued any more."""
-    job = session.get(Job, job_id)
+    job = session.get(JobRecord, job_id)
     if job is None or job.state != "queued":
         return None
     now = utcnow()
-    won = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
-        state="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-        deadline_at=now + timedelta(seconds=job.timeout_seconds), attempts=Job.attempts + 1, started_at=now,
-        progress={}, error=None))
+    won = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.state == "queued")
+        .values(
+            state="running",
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            deadline_at=now + timedelta(seconds=job.timeout_seconds),
+            attempts=JobRecord.attempts + 1,
+            started_at=now,
+            progress={},
+            error=None,
+        )
+    )
     if not won.rowcount:
         return None
     session.refresh(job)
     return job
 
 
-def claim_next(session: Session, owner: str, lease_seconds: float) -> Job | None:
+def claim_next(session: Session, owner: str, lease_seconds: float) -> JobRecord | None:
     """The oldest queued job, claimed (the embedded worker's dequeue)."""
-    candidates = session.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at).limit(8))
+    candidates = session.scalars(
+        select(JobRecord.id).where(JobRecord.state == "queued").order_by(JobRecord.created_at).limit(8)
+    )
     for job_id in list(candidates):
         job = claim(session, job_id, owner, lease_seconds)
         if job is not None:
@@ -176,36 +204,62 @@ def beat(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float, 
     values: dict = {"lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
     if progress is not None:
         values["progress"] = progress
-    renewed = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
-                              .values(**values))
+    renewed = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.lease_owner == owner, JobRecord.state == "running")
+        .values(**values)
+    )
     if not renewed.rowcount:
         return Beat(alive=False, cancel_requested=False)
-    return Beat(alive=True, cancel_requested=bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id))))
+    return Beat(
+        alive=True,
+        cancel_requested=bool(session.scalar(select(JobRecord.cancel_requested).where(JobRecord.id == job_id))),
+    )
 
 
-def finish(session: Session, job_id: uuid.UUID, owner: str, state: str, *, error: str | None = None,
-           progress: dict | None = None, result: dict | None = None, profile_id: int | None = None) -> bool:
+def finish(
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    state: str,
+    *,
+    error: str | None = None,
+    progress: dict | None = None,
+    result: dict | None = None,
+    profile_id: int | None = None,
+) -> bool:
     """End the attempt this worker owns; False when it no longer owns it (or, for success,
     when a cancel was requested meanwhile: the caller then finishes it as canceled)."""
-    job = session.get(Job, job_id)
+    job = session.get(JobRecord, job_id)
     if job is None:
         return False
     now = utcnow()
-    where = [Job.id == job_id, Job.lease_owner == owner, Job.state == "running"]
+    where = [JobRecord.id == job_id, JobRecord.lease_owner == owner, JobRecord.state == "running"]
     if state == "succeeded":
-        where.append(Job.cancel_requested.is_(False))
-    values: dict = {"state": state, "error": error, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
-                    "seconds": _seconds(job.started_at, now), "result": result, "profile_id": profile_id}
+        where.append(JobRecord.cancel_requested.is_(False))
+    values: dict = {
+        "state": state,
+        "error": error,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "seconds": _seconds(job.started_at, now),
+        "result": result,
+        "profile_id": profile_id,
+    }
     if progress is not None:
         values["progress"] = progress
-    done = session.execute(update(Job).where(*where).values(**values))
+    done = session.execute(update(JobRecord).where(*where).values(**values))
     return bool(done.rowcount)
 
 
 def release(session: Session, job_id: uuid.UUID, owner: str) -> bool:
     """Hand a running job back to the queue without counting the attempt (a worker shutting down)."""
-    done = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
-                           .values(state="queued", lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1))
+    done = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.lease_owner == owner, JobRecord.state == "running")
+        .values(state="queued", lease_owner=None, lease_expires_at=None, attempts=JobRecord.attempts - 1)
+    )
     return bool(done.rowcount)
 
 
@@ -221,7 +275,11 @@ def reap(session: Session) -> list[tuple[uuid.UUID, int]]:
     the requeued jobs, for the caller to enqueue once this transaction commits.
     """
     now = utcnow()
-    stuck = session.scalars(select(Job).where(Job.state == "running", (Job.lease_expires_at < now) | (Job.deadline_at < now)))
+    stuck = session.scalars(
+        select(JobRecord).where(
+            JobRecord.state == "running", (JobRecord.lease_expires_at < now) | (JobRecord.deadline_at < now)
+        )
+    )
     requeued = []
     for job in list(stuck):
         values: dict = {"lease_owner": None, "lease_expires_at": None}
@@ -232,15 +290,22 @@ def reap(session: Session) -> list[tuple[uuid.UUID, int]]:
             reason = "canceled by request (its worker stopped responding)"
             values.update(state="canceled", error=reason, finished_at=now, seconds=_seconds(job.started_at, now))
         elif job.attempts < job.max_attempts:
-            reason = (f"worker lost: no heartbeat since its lease expired at {job.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}; "
-                      f"retrying (attempt {job.attempts + 1} of {job.max_attempts})")
+            reason = (
+                f"worker lost: no heartbeat since its lease expired at {job.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}; "
+                f"retrying (attempt {job.attempts + 1} of {job.max_attempts})"
+            )
             values.update(state="queued", progress={})
         else:
-            reason = (f"worker lost: no heartbeat since its lease expired at {job.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}, "
-                      f"on attempt {job.attempts} of {job.max_attempts}")
+            reason = (
+                f"worker lost: no heartbeat since its lease expired at {job.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}, "
+                f"on attempt {job.attempts} of {job.max_attempts}"
+            )
             values.update(state="failed", error=reason, finished_at=now, seconds=_seconds(job.started_at, now))
-        won = session.execute(update(Job).where(Job.id == job.id, Job.state == "running",
-                                                Job.lease_owner == job.lease_owner).values(**values))
+        won = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job.id, JobRecord.state == "running", JobRecord.lease_owner == job.lease_owner)
+            .values(**values)
+        )
         if won.rowcount:
             add_log(session, job.id, reason, level="warning" if values["state"] == "queued" else "error")
             if values["state"] == "queued":

@@ -4,6 +4,10 @@ Ownership runs through ``token_id``: a job, its front and its artifacts belong t
 that submitted the job, and every query filters by it. Profiles are shared: they are a cache
 keyed by everything that determines their numbers, and their bytes live in the
 content-addressed store (``sha256``).
+
+Every table's class ends in ``Record`` (``JobRecord``, ``ProfileRecord``, ...), so a row is never
+mistaken for the domain object of the same name (``quant.Profile``, ``search.Front``,
+``search.Allocation``) that it stores.
 """
 
 from __future__ import annotations
@@ -12,8 +16,24 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, String, Text, TypeDecorator, UniqueConstraint, Uuid, text)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
@@ -60,7 +80,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class Token(Base):
+class TokenRecord(Base):
     """An API token; only its sha256 is stored (tokens are random, so a plain hash suffices)."""
 
     __tablename__ = "tokens"
@@ -72,7 +92,7 @@ class Token(Base):
     revoked_at: Mapped[datetime | None]
 
 
-class Job(Base):
+class JobRecord(Base):
     """One submission and its lifecycle.
 
     ``kind`` says what it runs: ``compress`` (the pipeline; ``spec`` is the request) or
@@ -116,10 +136,10 @@ class Job(Base):
     profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id"))
 
     # Deleting a job deletes its log, front (points), allocations and artifact records: ON DELETE CASCADE.
-    front: Mapped[Front | None] = relationship(passive_deletes=True)
+    front: Mapped[FrontRecord | None] = relationship(passive_deletes=True)
 
 
-class JobLog(Base):
+class JobLogRecord(Base):
     """What happened to a job, line by line (phases, retries, the reason it failed)."""
 
     __tablename__ = "job_logs"
@@ -130,7 +150,7 @@ class JobLog(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
-class Profile(Base):
+class ProfileRecord(Base):
     """A stored profile: its cache key, what made it, and the sha256 of its ``.npz``."""
 
     __tablename__ = "profiles"
@@ -147,7 +167,7 @@ class Profile(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Front(Base):
+class FrontRecord(Base):
     """A job's front: written in the same transaction as its points and the job's success."""
 
     __tablename__ = "fronts"
@@ -158,11 +178,11 @@ class Front(Base):
     solver: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    points: Mapped[list[Point]] = relationship(back_populates="front", cascade="all, delete-orphan",
-                                               passive_deletes=True, order_by="Point.rank")
+    points: Mapped[list[PointRecord]] = relationship(back_populates="front", cascade="all, delete-orphan",
+                                               passive_deletes=True, order_by="PointRecord.rank")
 
 
-class Allocation(Base):
+class AllocationRecord(Base):
     """Unit -> format, with the totals computed by ``search`` for the job's profile."""
 
     __tablename__ = "allocations"
@@ -178,7 +198,7 @@ class Allocation(Base):
     info: Mapped[dict[str, Any]]
 
 
-class Point(Base):
+class PointRecord(Base):
     """A point a job offers: on the front (``on_front``), and/or the one chosen at its budget."""
 
     __tablename__ = "points"
@@ -189,11 +209,11 @@ class Point(Base):
     on_front: Mapped[bool] = mapped_column(Boolean)
     chosen: Mapped[bool] = mapped_column(Boolean)
 
-    front: Mapped[Front] = relationship(back_populates="points")
-    allocation: Mapped[Allocation] = relationship(lazy="joined")
+    front: Mapped[FrontRecord] = relationship(back_populates="points")
+    allocation: Mapped[AllocationRecord] = relationship(lazy="joined")
 
 
-class Artifact(Base):
+class ArtifactRecord(Base):
     """A downloadable file owned by a token (through its job); its bytes are in the store by sha256,
     shared by every row with those bytes and removed once no artifact or profile row names them
     (``service.garbage``)."""
@@ -212,12 +232,12 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Build(Base):
+class BuildRecord(Base):
     """A point's packed-artifact build, run by its own job (kind ``artifact``).
 
     The job carries the lifecycle (queue, lease, retries, progress, log); this row says what
     it builds. ``parent_id`` is the succeeded job whose point it is; on success ``artifact_id``
-    names the tar, an ``Artifact`` of that parent job (so it is listed, owned and deleted with it).
+    names the tar, an ``ArtifactRecord`` of that parent job (so it is listed, owned and deleted with it).
     """
 
     __tablename__ = "builds"
@@ -227,5 +247,5 @@ class Build(Base):
     method: Mapped[str] = mapped_column(String(16))
     artifact_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
 
-    job: Mapped[Job] = relationship(foreign_keys=[job_id], lazy="joined")
-    artifact: Mapped[Artifact | None] = relationship(lazy="joined")
+    job: Mapped[JobRecord] = relationship(foreign_keys=[job_id], lazy="joined")
+    artifact: Mapped[ArtifactRecord | None] = relationship(lazy="joined")

@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from bitalloc.pipeline.baselines import BASELINE_SPECS, BaselineRequest
+from bitalloc.pipeline.spec import KL_METRICS, MEASURED, JobSpec
 from bitalloc.quant.costs import LatencyModel
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.metrics import METRICS
 from bitalloc.quant.profile import KVOptions
 from bitalloc.search import SOLVERS
-from bitalloc.pipeline.baselines import BASELINE_SPECS, BaselineRequest
-from bitalloc.pipeline.spec import KL_METRICS, MEASURED, JobSpec
 
 
 def _solvers() -> list[str]:

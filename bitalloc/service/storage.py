@@ -2,7 +2,7 @@
 
 The same bytes are stored once, whoever asks; a write goes to a temporary file that is
 renamed into place, so a reader never sees half a file and a crash leaves at most an
-orphan temp file. The database holds who owns what (``service.models.Artifact``), so the
+orphan temp file. The database holds who owns what (``service.models.ArtifactRecord``), so the
 store never decides alone what to delete: ``service.garbage`` asks the database, then calls
 ``remove``.
 """

@@ -3,11 +3,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from bitalloc.pipeline import JobSpec, run_job
+from bitalloc.pipeline.problem import problem_of
 from bitalloc.quant.profile import Profile
 from bitalloc.search import InfeasibleBudget, solve
 from bitalloc.service.cli import app
-from bitalloc.pipeline import JobSpec, run_job
-from bitalloc.pipeline.problem import problem_of
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 

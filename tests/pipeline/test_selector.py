@@ -4,10 +4,10 @@ measured refinement; and their validation at the API's edge."""
 import pytest
 from pydantic import ValidationError
 
-from bitalloc.search import baselines
-from bitalloc.pipeline.baselines import model_info, unit_infos
 from bitalloc.pipeline import JobSpec, run_job
+from bitalloc.pipeline.baselines import model_info, unit_infos
 from bitalloc.pipeline.problem import problem_of
+from bitalloc.search import baselines
 from bitalloc.service.schemas import JobCreate
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]

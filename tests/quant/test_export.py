@@ -8,7 +8,14 @@ from typing import get_args
 import pytest
 
 from bitalloc.quant.costs import LatencyModel
-from bitalloc.quant.export import EXPORTERS, ExportError, ExportName, export_allocation, export_from_profile, list_exporters
+from bitalloc.quant.export import (
+    EXPORTERS,
+    ExportError,
+    ExportName,
+    export_allocation,
+    export_from_profile,
+    list_exporters,
+)
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.profile import KVOptions, Profile, cost_tables
 from bitalloc.quant.units import Unit

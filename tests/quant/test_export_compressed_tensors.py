@@ -11,14 +11,13 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 from compressed_tensors.utils.match import match_name
+from export_helpers import tied_allocation
 
 from bitalloc.quant.export import ExportError, export_allocation
 from bitalloc.quant.export.compressed_tensors import weight_args
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.profile import KVOptions
 from bitalloc.quant.units import Unit
-
-from export_helpers import tied_allocation
 
 VLLM_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 # SmolLM2's rows are 576 or 1536 long: these groups divide both.

@@ -6,13 +6,12 @@ import json
 import re
 
 import pytest
+from export_helpers import tied_allocation
 
 from bitalloc.quant.export import ExportError, export_allocation
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.profile import KVOptions
 from bitalloc.quant.units import Unit
-
-from export_helpers import tied_allocation
 
 
 def dynamic_override(config: dict, module: str) -> dict | bool | None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 from bitalloc.search import Allocation, Budgets, solve
 from bitalloc.search.solvers.descent import shifted
-from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_instances import Enumerated, assert_valid, enumerate_allocations, medium_problems, problems
 
 from bitalloc.search import Budgets, InfeasibleBudget, solve
 from bitalloc.search.sweep import budget_range
-from search_instances import Enumerated, assert_valid, enumerate_allocations, medium_problems, problems
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

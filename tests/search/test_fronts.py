@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from search_instances import assert_valid, enumerate_allocations, problems
 
 from bitalloc.search import Budgets, Front, front, hypervolume, non_dominated
-from search_instances import assert_valid, enumerate_allocations, problems
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 points = st.integers(2, 3).flatmap(lambda k: arrays(np.float64, st.tuples(st.integers(1, 12), st.just(k)), elements=st.integers(0, 5).map(float)))

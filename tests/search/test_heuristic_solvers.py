@@ -7,10 +7,10 @@ import optuna
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 from bitalloc.search import Allocation, Budgets, front, get_solver, solve
 from bitalloc.search.pareto import non_dominated
-from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from search_instances import small_model
 
 from bitalloc.search import SOLVERS, Allocation, Budgets, Problem, SearchError, get_solver, register, solve
 from bitalloc.search.solver import Solver
-from search_instances import small_model
 
 
 def arrays(**changes):

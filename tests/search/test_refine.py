@@ -7,9 +7,9 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 from bitalloc.search import Allocation, Budgets, front, refine_front, solve
-from search_instances import assert_valid, enumerate_allocations, problems, small_model
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCHEDULE = ((4, 3), (16, 1))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_instances import enumerate_allocations, problems, small_model
 
 from bitalloc.search import Budgets, InfeasibleBudget, smallest_within, solve
 from bitalloc.search.sweep import budget_range
-from search_instances import enumerate_allocations, problems, small_model
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from service_helpers import bearer, job_body, running_app
 from sqlalchemy import func, select, update
 
-from bitalloc.service.models import Job
+from bitalloc.service.models import JobRecord
 from bitalloc.service.settings import Settings
-
-from service_helpers import bearer, job_body, running_app
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def api(tmp_path):
 
 def job_count(ctx) -> int:
     with ctx.sessions() as session:
-        return session.scalar(select(func.count()).select_from(Job))
+        return session.scalar(select(func.count()).select_from(JobRecord))
 
 
 BAD_FIELDS = [
@@ -173,7 +172,7 @@ def test_a_running_job_is_asked_to_stop_and_cannot_be_deleted(api):
     client, ctx, headers = api
     job_id = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
     with ctx.sessions.begin() as session:
-        session.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(state="running"))
+        session.execute(update(JobRecord).where(JobRecord.id == uuid.UUID(job_id)).values(state="running"))
     assert client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 409
     response = client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
     assert response.json()["state"] == "running" and response.json()["cancel_requested"] is True

@@ -12,13 +12,12 @@ import uuid
 
 import pytest
 from rq import SimpleWorker
+from service_helpers import bearer, job_body, running_app, wait_until_finished
 from sqlalchemy import select, update
 
 from bitalloc.quant.artifact import ArtifactError, load_artifact
 from bitalloc.service import builds, models, worker
 from bitalloc.service.settings import Settings
-
-from service_helpers import bearer, job_body, running_app, wait_until_finished
 
 
 def wait_for_build(client, headers: dict, build_id: str, timeout: float = 180.0) -> dict:
@@ -42,8 +41,8 @@ def check_built(client, ctx, headers: dict, build: dict, point: dict, tmp_path) 
     assert sha256 == response.headers["X-Content-SHA256"] == artifact["sha256"]
     assert len(response.content) == artifact["size"] and artifact["name"] in response.headers["content-disposition"]
     with ctx.sessions() as session:
-        row = session.get(models.Artifact, uuid.UUID(artifact["id"]))
-        token_id = session.get(models.Job, uuid.UUID(build["job_id"])).token_id
+        row = session.get(models.ArtifactRecord, uuid.UUID(artifact["id"]))
+        token_id = session.get(models.JobRecord, uuid.UUID(build["job_id"])).token_id
     assert (row.kind, row.sha256, row.size, row.job_id, row.token_id) == (
         "model", sha256, len(response.content), uuid.UUID(build["job_id"]), token_id)
     assert row.meta["build_id"] == build["id"] and row.meta["point_id"] == point["id"]
@@ -119,16 +118,27 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
         assert client.get(f"/v1/jobs/{build['id']}", headers=owner).status_code == 404
 
         with ctx.sessions.begin() as session:  # as if the GPTQ build were still running
-            session.execute(update(models.Job).where(models.Job.id == uuid.UUID(gptq["id"])).values(state="running"))
+            session.execute(
+                update(models.JobRecord).where(models.JobRecord.id == uuid.UUID(gptq["id"])).values(state="running")
+            )
         assert client.delete(f"/v1/jobs/{job_id}", headers=owner).status_code == 409
         with ctx.sessions.begin() as session:
-            session.execute(update(models.Job).where(models.Job.id == uuid.UUID(gptq["id"])).values(state="succeeded"))
+            session.execute(
+                update(models.JobRecord).where(models.JobRecord.id == uuid.UUID(gptq["id"])).values(state="succeeded")
+            )
         assert client.delete(f"/v1/jobs/{job_id}", headers=owner).status_code == 204
-        for path in (f"/v1/builds/{build['id']}", f"/v1/builds/{failing['id']}", f"/v1/artifacts/{built['artifact']['id']}"):
+        for path in (
+            f"/v1/builds/{build['id']}",
+            f"/v1/builds/{failing['id']}",
+            f"/v1/artifacts/{built['artifact']['id']}",
+        ):
             assert client.get(path, headers=owner).status_code == 404, path
         with ctx.sessions() as session:
-            assert session.scalars(select(models.Job)).all() == [] and session.scalars(select(models.Build)).all() == []
-            profiles = session.scalars(select(models.Profile.sha256)).all()
+            assert (
+                session.scalars(select(models.JobRecord)).all() == []
+                and session.scalars(select(models.BuildRecord)).all() == []
+            )
+            profiles = session.scalars(select(models.ProfileRecord.sha256)).all()
         assert profiles and sorted(ctx.storage.blobs()) == sorted(profiles)  # the tars went; the cached profile stays
 
 
@@ -143,7 +153,9 @@ def test_a_build_needs_a_succeeded_job_its_point_and_a_known_method(tmp_path):
         response = client.post(f"/v1/jobs/{job_id}/points/1/artifact", json={"colour": "blue"}, headers=owner)
         assert response.status_code == 422
         with ctx.sessions.begin() as session:  # succeeded, yet point 1 is not in its (missing) front
-            session.execute(update(models.Job).where(models.Job.id == uuid.UUID(job_id)).values(state="succeeded"))
+            session.execute(
+                update(models.JobRecord).where(models.JobRecord.id == uuid.UUID(job_id)).values(state="succeeded")
+            )
         assert client.post(f"/v1/jobs/{job_id}/points/1/artifact", headers=owner).status_code == 404
         assert client.post(f"/v1/jobs/{job_id}/points/1/artifact", headers=other).status_code == 404
         assert client.post(f"/v1/jobs/{uuid.uuid4()}/points/1/artifact", headers=owner).status_code == 404
@@ -162,8 +174,12 @@ def test_the_tar_is_the_same_bytes_for_the_same_files(tmp_path):
     builds.pack(second, tmp_path / "b.tar")
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     with tarfile.open(tmp_path / "a.tar") as tar:
-        assert tar.getnames() == ["artifact", "artifact/tokenizer", "artifact/tokenizer/vocab.json",
-                                  "artifact/weights.safetensors"]
+        assert tar.getnames() == [
+            "artifact",
+            "artifact/tokenizer",
+            "artifact/tokenizer/vocab.json",
+            "artifact/weights.safetensors",
+        ]
 
 
 @pytest.mark.integration

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_helpers import FORMATS, bearer, job_body, uvicorn_server
 
 from bitalloc.service.app import create_app
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
 from bitalloc.service.worker import LocalWorkers
-
-from service_helpers import FORMATS, bearer, job_body, uvicorn_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from service_helpers import bearer, job_body, running_app, wait_until_finished
 
+from bitalloc.pipeline.baselines import baseline_points
+from bitalloc.quant.formats import get_format
 from bitalloc.quant.profile import Profile
 from bitalloc.quant.units import Unit
-from bitalloc.quant.formats import get_format
 from bitalloc.search.baselines import FTYPES
-from bitalloc.pipeline.baselines import baseline_points
 from bitalloc.service.dashboard import CSP, STATIC
 from bitalloc.service.dashboard.layout import format_bits, unit_columns
 from bitalloc.service.settings import Settings
-
-from service_helpers import bearer, job_body, running_app, wait_until_finished
 
 
 def profile_of(units: list[Unit], formats: list[str], allowed: np.ndarray | None = None) -> Profile:

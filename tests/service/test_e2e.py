@@ -10,14 +10,13 @@ import uuid
 
 import pytest
 from rq import SimpleWorker
+from service_helpers import bearer, job_body, metric, running_app, wait_until_finished
 from sqlalchemy import select
 
+from bitalloc.pipeline.problem import problem_of
 from bitalloc.quant.profile import Profile
 from bitalloc.search import Budgets, front, solve
 from bitalloc.service import models, worker
-from bitalloc.pipeline.problem import problem_of
-
-from service_helpers import bearer, job_body, metric, running_app, wait_until_finished
 
 
 def stored_profile(client, headers, job_id: str, tmp_path) -> Profile:
@@ -122,7 +121,7 @@ def test_embedded_default_end_to_end(embedded_settings, tmp_path, zoo):
         for path in [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/front", *(f"/v1/artifacts/{a['id']}" for a in artifacts)]:
             assert client.get(path, headers=owner).status_code == 404, path
         with ctx.sessions() as session:
-            for table in (models.JobLog, models.Front, models.Allocation, models.Artifact):
+            for table in (models.JobLogRecord, models.FrontRecord, models.AllocationRecord, models.ArtifactRecord):
                 assert not session.scalars(select(table).where(table.job_id == uuid.UUID(job_id))).all(), table
 
 

@@ -7,11 +7,10 @@ import json
 
 import pytest
 from compressed_tensors.quantization import QuantizationConfig
+from service_helpers import bearer, job_body, running_app, wait_until_finished
 
 from bitalloc.quant.export import list_exporters
 from bitalloc.service.settings import Settings
-
-from service_helpers import bearer, job_body, running_app, wait_until_finished
 
 
 def test_exports_are_listed_for_the_dashboard(tmp_path):

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from service_helpers import job_body, running_app
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
@@ -18,12 +19,10 @@ from bitalloc.service.auth import create_token
 from bitalloc.service.cli import app as cli
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
-from bitalloc.service.models import Artifact, Job, Profile
+from bitalloc.service.models import ArtifactRecord, JobRecord, ProfileRecord
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings, get_settings
 from bitalloc.service.storage import BlobStore
-
-from service_helpers import job_body, running_app
 
 HOUR = 3600.0
 
@@ -51,7 +50,7 @@ def token(ctx: Context, name: str) -> tuple[int, dict[str, str]]:
 def finished_job(ctx: Context, token_id: int, state: str = "succeeded") -> uuid.UUID:
     with transaction(ctx.sessions) as session:
         job, _ = job_store.submit(session, token_id, JobCreate.model_validate(job_body()), ctx.settings)
-        session.execute(update(Job).where(Job.id == job.id).values(state=state))
+        session.execute(update(JobRecord).where(JobRecord.id == job.id).values(state=state))
     return job.id
 
 
@@ -60,12 +59,12 @@ def unique(label: str) -> bytes:
     return f"{label} {uuid.uuid4()}".encode()
 
 
-def add_artifact(ctx: Context, job_id: uuid.UUID, data: bytes, kind: str = "config") -> Artifact:
+def add_artifact(ctx: Context, job_id: uuid.UUID, data: bytes, kind: str = "config") -> ArtifactRecord:
     """Store ``data`` and record it as an artifact of the job, owned by the job's token."""
     sha256 = ctx.storage.put_bytes(data)
     with transaction(ctx.sessions) as session:
-        token_id = session.get_one(Job, job_id).token_id
-        row = Artifact(token_id=token_id, job_id=job_id, kind=kind, name=f"{kind}.bin",
+        token_id = session.get_one(JobRecord, job_id).token_id
+        row = ArtifactRecord(token_id=token_id, job_id=job_id, kind=kind, name=f"{kind}.bin",
                        media_type="application/octet-stream", sha256=sha256, size=len(data))
         session.add(row)
     return row
@@ -73,8 +72,19 @@ def add_artifact(ctx: Context, job_id: uuid.UUID, data: bytes, kind: str = "conf
 
 def add_profile(ctx: Context, sha256: str) -> None:
     with transaction(ctx.sessions) as session:
-        session.add(Profile(key=uuid.uuid4().hex, sha256=sha256, size=1, model="factory:tiny-llama", metric="output_mse",
-                            method="rtn", units=1, formats=["int4_g32"], meta={}))
+        session.add(
+            ProfileRecord(
+                key=uuid.uuid4().hex,
+                sha256=sha256,
+                size=1,
+                model="factory:tiny-llama",
+                metric="output_mse",
+                method="rtn",
+                units=1,
+                formats=["int4_g32"],
+                meta={},
+            )
+        )
 
 
 def backdate(path: os.PathLike, seconds: float) -> None:
@@ -140,7 +150,9 @@ def test_a_refused_or_rolled_back_delete_removes_nothing(api, monkeypatch):
     with pytest.raises(RuntimeError, match="went away"):
         client.delete(f"/v1/jobs/{done}", headers=headers)
     with ctx.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == done)) == 1
+        assert (
+            session.scalar(select(func.count()).select_from(ArtifactRecord).where(ArtifactRecord.job_id == done)) == 1
+        )
     assert ctx.storage.path(artifact.sha256).is_file()
 
 

@@ -10,18 +10,17 @@ from datetime import UTC, datetime
 
 import pytest
 from alembic import command
+from service_helpers import job_body, running_app
 from sqlalchemy import DateTime, Uuid, column, create_engine, insert, inspect, select, table, text
 from sqlalchemy.sql.expression import ColumnClause, TableClause
 from typer.testing import CliRunner
 
 from bitalloc.service.cli import app
 from bitalloc.service.db import alembic_config, current_revision, head_revision, make_engine, upgrade
-from bitalloc.service.models import Token
+from bitalloc.service.models import TokenRecord
 from bitalloc.service.progress import ProgressTracker
 from bitalloc.service.settings import Settings, get_settings
 from bitalloc.service.storage import BlobStore
-
-from service_helpers import job_body, running_app
 
 TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "builds",
           "alembic_version"}
@@ -110,7 +109,7 @@ def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, m
         assert secret.startswith("bat_") and len(secret) > 40
         with running_app(Settings(data_dir=tmp_path / "data", worker_threads=0)) as (client, ctx):
             with ctx.sessions() as session:
-                token = session.scalar(select(Token).where(Token.name == "ci"))
+                token = session.scalar(select(TokenRecord).where(TokenRecord.name == "ci"))
             assert token.token_hash == hashlib.sha256(secret.encode()).hexdigest() and secret not in token.prefix + token.name
             headers = {"Authorization": f"Bearer {secret}"}
             assert client.post("/v1/jobs", json=job_body(), headers=headers).status_code == 201

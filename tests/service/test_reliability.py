@@ -17,17 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 from rq import SimpleWorker
+from service_helpers import bearer, job_body, running_app, uvicorn_server
 from sqlalchemy import func, select, update
 
-from bitalloc.service import jobs, results, worker
+from bitalloc.service import executor, jobs, reaper, results, worker
 from bitalloc.service.app import create_app
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
-from bitalloc.service.models import Allocation, Front, Job, Token, utcnow
+from bitalloc.service.models import AllocationRecord, FrontRecord, JobRecord, TokenRecord, utcnow
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
-
-from service_helpers import bearer, job_body, running_app, uvicorn_server
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -54,13 +53,16 @@ def _token(session) -> int:
 
 def expire_lease(ctx: Context, job_id: uuid.UUID, **values) -> None:
     with transaction(ctx.sessions) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1),
-                                                                    **values))
+        session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1), **values)
+        )
 
 
-def job_row(ctx: Context, job_id: uuid.UUID) -> Job:
+def job_row(ctx: Context, job_id: uuid.UUID) -> JobRecord:
     with ctx.sessions() as session:
-        return session.get(Job, job_id)
+        return session.get(JobRecord, job_id)
 
 
 def test_a_lost_worker_is_retried_then_failed_with_the_reason_and_fenced_out(ctx):
@@ -88,7 +90,9 @@ def test_an_overdue_job_is_failed_as_timed_out_and_a_live_lease_is_left_alone(ct
     with transaction(ctx.sessions) as session:
         jobs.claim(session, overdue, "w1", lease_seconds=60)
         jobs.claim(session, healthy, "w2", lease_seconds=60)
-        session.execute(update(Job).where(Job.id == overdue).values(deadline_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(JobRecord).where(JobRecord.id == overdue).values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
     with transaction(ctx.sessions) as session:
         assert jobs.reap(session) == []
     assert job_row(ctx, overdue).state == "failed" and "timed out" in job_row(ctx, overdue).error
@@ -100,12 +104,12 @@ def test_an_overdue_job_is_failed_as_timed_out_and_a_live_lease_is_left_alone(ct
 def test_a_job_past_its_timeout_fails_and_a_stopping_worker_hands_its_job_back(ctx):
     slow, interrupted = queued_job(ctx), queued_job(ctx, points=7)
     with transaction(ctx.sessions) as session:
-        session.execute(update(Job).where(Job.id == slow).values(timeout_seconds=0.001))
-    assert worker.Executor(ctx).run(slow) == "failed"
+        session.execute(update(JobRecord).where(JobRecord.id == slow).values(timeout_seconds=0.001))
+    assert executor.Executor(ctx).run(slow) == "failed"
     assert job_row(ctx, slow).error == "timed out: still running 0.001 s after it started (job_timeout)"
     stopping = threading.Event()
     stopping.set()
-    assert worker.Executor(ctx, stopping).run(interrupted) == "queued"
+    assert executor.Executor(ctx, stopping).run(interrupted) == "queued"
     job = job_row(ctx, interrupted)
     assert job.state == "queued" and job.attempts == 0 and job.lease_owner is None
 
@@ -131,12 +135,15 @@ def test_a_crash_while_storing_results_leaves_no_half_written_front(ctx, monkeyp
         return real(*args)
 
     monkeypatch.setattr(results, "allocation_row", flaky)
-    assert worker.Executor(ctx).run(job_id) == "failed"
+    assert executor.Executor(ctx).run(job_id) == "failed"
     job = job_row(ctx, job_id)
     assert job.state == "failed" and "while storing results: OSError: disk full" in job.error
     with ctx.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(Front).where(Front.job_id == job_id)) == 0
-        assert session.scalar(select(func.count()).select_from(Allocation).where(Allocation.job_id == job_id)) == 0
+        assert session.scalar(select(func.count()).select_from(FrontRecord).where(FrontRecord.job_id == job_id)) == 0
+        assert (
+            session.scalar(select(func.count()).select_from(AllocationRecord).where(AllocationRecord.job_id == job_id))
+            == 0
+        )
 
 
 @pytest.mark.integration
@@ -146,11 +153,22 @@ def test_a_killed_worker_process_leaves_its_job_retried_not_stuck(queued_setting
     with running_app(settings) as (client, ctx):
         headers = bearer(ctx)
         job_id = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
-        env = {**os.environ, "BITALLOC_DATABASE_URL": settings.database_url, "BITALLOC_REDIS_URL": settings.redis_url,
-               "BITALLOC_QUEUE_NAME": settings.queue_name, "BITALLOC_DATA_DIR": str(settings.data_dir),
-               "BITALLOC_LEASE_SECONDS": "2", "BITALLOC_HEARTBEAT_SECONDS": "0.3", "BITALLOC_AUTO_MIGRATE": "0"}
-        process = subprocess.Popen([str(Path(sys.executable).parent / "bitalloc"), "worker", "--burst"], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "BITALLOC_DATABASE_URL": settings.database_url,
+            "BITALLOC_REDIS_URL": settings.redis_url,
+            "BITALLOC_QUEUE_NAME": settings.queue_name,
+            "BITALLOC_DATA_DIR": str(settings.data_dir),
+            "BITALLOC_LEASE_SECONDS": "2",
+            "BITALLOC_HEARTBEAT_SECONDS": "0.3",
+            "BITALLOC_AUTO_MIGRATE": "0",
+        }
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bitalloc"), "worker", "--burst"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 90
             while job_row(ctx, uuid.UUID(job_id)).state == "queued":
@@ -162,7 +180,7 @@ def test_a_killed_worker_process_leaves_its_job_retried_not_stuck(queued_setting
             process.wait()
         assert job_row(ctx, uuid.UUID(job_id)).state == "running"
         time.sleep(2.5)  # its lease runs out: nobody renews it
-        assert worker.Reaper(ctx).reap_once() == [uuid.UUID(job_id)]
+        assert reaper.Reaper(ctx).reap_once() == [uuid.UUID(job_id)]
         assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["state"] == "queued"
 
         monkeypatch.setitem(worker._contexts, os.getpid(), ctx)
@@ -197,9 +215,13 @@ def test_fifty_concurrent_submissions_are_all_stored_and_a_duplicated_key_makes_
     if backend == "sqlite":
         settings = Settings(data_dir=tmp_path / "data", worker_threads=0, reaper_seconds=3600)
     else:
-        settings = Settings(data_dir=tmp_path / "data", database_url=request.getfixturevalue("pg_url"),
-                            redis_url=request.getfixturevalue("redis_url"),
-                            queue_name=request.getfixturevalue("queue_name"), reaper_seconds=3600)
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=request.getfixturevalue("pg_url"),
+            redis_url=request.getfixturevalue("redis_url"),
+            queue_name=request.getfixturevalue("queue_name"),
+            reaper_seconds=3600,
+        )
     app = create_app(settings)
     ctx = app.state.ctx
     headers = bearer(ctx, f"load-{backend}")
@@ -214,7 +236,7 @@ def test_fifty_concurrent_submissions_are_all_stored_and_a_duplicated_key_makes_
     assert len(ids) == 50 and listed["total"] == 51
     assert ids | {duplicates[0].json()["id"]} == {j["id"] for j in listed["items"]}
     with ctx.sessions() as session:
-        specs = session.scalars(select(Job.spec).join(Token).where(Token.name == f"load-{backend}"))
+        specs = session.scalars(select(JobRecord.spec).join(TokenRecord).where(TokenRecord.name == f"load-{backend}"))
         points = sorted(spec["points"] for spec in specs)
     assert points == sorted([*range(2, 52), 6])
     if not ctx.embedded:

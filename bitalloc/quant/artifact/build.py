@@ -20,7 +20,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitalloc.quant.artifact.manifest import LAYOUT, MANIFEST, WEIGHTS, Artifact, ArtifactError, dtype_name, file_sha256, tensor_sha256
+from bitalloc.quant.artifact.manifest import (
+    LAYOUT,
+    MANIFEST,
+    WEIGHTS,
+    Artifact,
+    ArtifactError,
+    dtype_name,
+    file_sha256,
+    tensor_sha256,
+)
 from bitalloc.quant.artifact.storage import encode, runs_as, storage_of
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.formats import Format, get_format

@@ -25,8 +25,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitalloc.quant.export.base import (Exporter, ExportError, ExportRequest, Problems, format_family, json_bytes,
-                               refuse_split_tie_groups)
+from bitalloc.quant.export.base import (
+    Exporter,
+    ExportError,
+    ExportRequest,
+    Problems,
+    format_family,
+    json_bytes,
+    refuse_split_tie_groups,
+)
 from bitalloc.quant.formats import Format, IntFormat
 
 TARGET = "compressed-tensors"

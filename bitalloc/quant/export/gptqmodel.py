@@ -25,7 +25,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from bitalloc.quant.export.base import Exporter, ExportError, ExportRequest, Problems, json_bytes, refuse_split_tie_groups
+from bitalloc.quant.export.base import (
+    Exporter,
+    ExportError,
+    ExportRequest,
+    Problems,
+    json_bytes,
+    refuse_split_tie_groups,
+)
 from bitalloc.quant.formats import Format, IntFormat
 from bitalloc.quant.units import Unit
 

@@ -28,7 +28,8 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from bitalloc.quant.export.base import Exporter, ExportError, ExportRequest, Problems, format_family
 from bitalloc.quant.formats import Format

@@ -17,7 +17,15 @@ how it was derived. Sources and what is approximated: ``docs/baselines.md``.
 
 from bitalloc.search.baselines.hawq import hawq_v3, rescore
 from bitalloc.search.baselines.info import KINDS, ModelInfo, UnitInfo
-from bitalloc.search.baselines.llamacpp import FTYPES, GGML_BPW, format_table, llamacpp, rule_type, tensor_type, use_more_bits
+from bitalloc.search.baselines.llamacpp import (
+    FTYPES,
+    GGML_BPW,
+    format_table,
+    llamacpp,
+    rule_type,
+    tensor_type,
+    use_more_bits,
+)
 from bitalloc.search.baselines.nncf import nncf_ratio, primary_prefix
 from bitalloc.search.baselines.uniform import block_order, layer_mix, uniform, uniform_within
 

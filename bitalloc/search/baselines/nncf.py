@@ -27,7 +27,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bitalloc.search.allocation import Allocation
-from bitalloc.search.baselines.common import by_name, byte_cap, check_allowed, format_bits, format_index, pin_fixed, total_bytes
+from bitalloc.search.baselines.common import (
+    by_name,
+    byte_cap,
+    check_allowed,
+    format_bits,
+    format_index,
+    pin_fixed,
+    total_bytes,
+)
 from bitalloc.search.baselines.info import UnitInfo, infos_for
 from bitalloc.search.errors import InfeasibleBudget
 from bitalloc.search.problem import Problem

@@ -23,19 +23,19 @@ BUILD_NOT_FOUND = {404: {"description": "No such build for this token."}}
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut])
-def list_artifacts(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> list[models.Artifact]:
+def list_artifacts(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> list[models.ArtifactRecord]:
     with ctx.sessions() as session:
         load_job(session, token_id, job_id)
-        return list(session.scalars(select(models.Artifact).where(models.Artifact.job_id == job_id)
-                                    .order_by(models.Artifact.created_at)))
+        return list(session.scalars(select(models.ArtifactRecord).where(models.ArtifactRecord.job_id == job_id)
+                                    .order_by(models.ArtifactRecord.created_at)))
 
 
 @router.get("/artifacts/{artifact_id}", response_class=FileResponse,
             responses={404: {"description": "No such artifact for this token."}})
 def download_artifact(artifact_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> FileResponse:
     with ctx.sessions() as session:
-        artifact = session.scalar(select(models.Artifact).where(models.Artifact.id == artifact_id,
-                                                                models.Artifact.token_id == token_id))
+        artifact = session.scalar(select(models.ArtifactRecord).where(models.ArtifactRecord.id == artifact_id,
+                                                                models.ArtifactRecord.token_id == token_id))
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "artifact not found")
     path = ctx.storage.path(artifact.sha256)
@@ -45,7 +45,7 @@ def download_artifact(artifact_id: uuid.UUID, ctx: ContextDep, token_id: TokenDe
                         headers={"X-Content-SHA256": artifact.sha256})
 
 
-def build_out(build: models.Build) -> dict:
+def build_out(build: models.BuildRecord) -> dict:
     job, artifact = build.job, build.artifact
     return {"id": job.id, "job_id": build.parent_id, "point_id": build.point_id, "method": build.method,
             "state": job.state, "progress": job.progress, "error": job.error, "attempts": job.attempts,
@@ -54,7 +54,7 @@ def build_out(build: models.Build) -> dict:
             {"id": artifact.id, "name": artifact.name, "sha256": artifact.sha256, "size": artifact.size}}
 
 
-def load_build(session: Session, token_id: int, build_id: uuid.UUID) -> models.Build:
+def load_build(session: Session, token_id: int, build_id: uuid.UUID) -> models.BuildRecord:
     build = builds.get_build(session, token_id, build_id)
     if build is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "build not found")
@@ -77,8 +77,8 @@ def build_point(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: Tok
         job = load_job(session, token_id, job_id)
         if job.state != "succeeded":
             raise HTTPException(status.HTTP_409_CONFLICT, f"job is {job.state}: a point's artifact is built once it succeeds")
-        point = session.scalar(select(models.Point).join(models.Front)
-                               .where(models.Point.id == point_id, models.Front.job_id == job.id))
+        point = session.scalar(select(models.PointRecord).join(models.FrontRecord)
+                               .where(models.PointRecord.id == point_id, models.FrontRecord.job_id == job.id))
         if point is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "point not found in this job's front")
         build, created = builds.submit(session, job, point.id, body.method, ctx.settings)
@@ -101,11 +101,11 @@ def read_build(build_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict
 @router.get("/builds/{build_id}/log", response_model=list[LogLine], responses=BUILD_NOT_FOUND)
 def read_build_log(build_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep,
                    after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0
-                   ) -> list[models.JobLog]:
+                   ) -> list[models.JobLogRecord]:
     with ctx.sessions() as session:
         load_build(session, token_id, build_id)
-        return list(session.scalars(select(models.JobLog).where(models.JobLog.job_id == build_id)
-                                    .order_by(models.JobLog.id).offset(after)))
+        return list(session.scalars(select(models.JobLogRecord).where(models.JobLogRecord.job_id == build_id)
+                                    .order_by(models.JobLogRecord.id).offset(after)))
 
 
 @router.post("/builds/{build_id}/cancel", response_model=BuildOut, status_code=status.HTTP_202_ACCEPTED,

@@ -13,7 +13,7 @@ from bitalloc.quant.export import ExportError, ExportName, list_exporters
 from bitalloc.service import models, results
 from bitalloc.service.api.deps import ContextDep, TokenDep
 from bitalloc.service.db import transaction
-from bitalloc.service.models import Allocation, Point
+from bitalloc.service.models import AllocationRecord, PointRecord
 from bitalloc.service.schemas import FrontOut, PointDetail
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["fronts"])
@@ -21,17 +21,29 @@ router = APIRouter(prefix="/jobs/{job_id}", tags=["fronts"])
 RESPONSES = {404: {"description": "No such job (or point) for this token."},
              409: {"description": "The job has not succeeded, so it has no front."}}
 # What a point shows without its unit -> format map (the front lists many points; the map is per point).
-POINT_COLUMNS = (Point.id, Point.rank, Point.on_front, Point.chosen, Allocation.avg_bits, Allocation.bytes,
-                 Allocation.error, Allocation.latency, Allocation.measured.label("measured_kl"))
+POINT_COLUMNS = (
+    PointRecord.id,
+    PointRecord.rank,
+    PointRecord.on_front,
+    PointRecord.chosen,
+    AllocationRecord.avg_bits,
+    AllocationRecord.bytes,
+    AllocationRecord.error,
+    AllocationRecord.latency,
+    AllocationRecord.measured.label("measured_kl"),
+)
 
 
-def load_front(session: Session, token_id: int, job_id: uuid.UUID) -> tuple[models.Job, models.Front, models.Profile]:
+def load_front(
+    session: Session, token_id: int, job_id: uuid.UUID
+) -> tuple[models.JobRecord, models.FrontRecord, models.ProfileRecord]:
     """The token's job with its front and profile (one query); 404 or 409 otherwise."""
     row = session.execute(
-        select(models.Job, models.Front, models.Profile)
-        .outerjoin(models.Front, models.Front.job_id == models.Job.id)
-        .outerjoin(models.Profile, models.Profile.id == models.Front.profile_id)
-        .where(models.Job.id == job_id, models.Job.token_id == token_id)).first()
+        select(models.JobRecord, models.FrontRecord, models.ProfileRecord)
+        .outerjoin(models.FrontRecord, models.FrontRecord.job_id == models.JobRecord.id)
+        .outerjoin(models.ProfileRecord, models.ProfileRecord.id == models.FrontRecord.profile_id)
+        .where(models.JobRecord.id == job_id, models.JobRecord.token_id == token_id)
+    ).first()
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
     job, front, profile = row
@@ -40,35 +52,68 @@ def load_front(session: Session, token_id: int, job_id: uuid.UUID) -> tuple[mode
     return job, front, profile
 
 
-def load_point(session: Session, token_id: int, job_id: uuid.UUID, point_id: int
-               ) -> tuple[models.Job, models.Point, models.Profile]:
+def load_point(
+    session: Session, token_id: int, job_id: uuid.UUID, point_id: int
+) -> tuple[models.JobRecord, models.PointRecord, models.ProfileRecord]:
     job, front, profile = load_front(session, token_id, job_id)
-    point = session.scalar(select(Point).where(Point.id == point_id, Point.front_id == front.id))
+    point = session.scalar(select(PointRecord).where(PointRecord.id == point_id, PointRecord.front_id == front.id))
     if point is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "point not found in this job's front")
     return job, point, profile
 
 
-def point_detail(point: Point) -> dict:
+def point_detail(point: PointRecord) -> dict:
     a = point.allocation
-    return {"id": point.id, "rank": point.rank, "avg_bits": a.avg_bits, "bytes": a.bytes, "error": a.error,
-            "latency": a.latency, "measured_kl": a.measured, "on_front": point.on_front, "chosen": point.chosen,
-            "solver": a.solver, "formats": a.formats, "info": a.info}
+    return {
+        "id": point.id,
+        "rank": point.rank,
+        "avg_bits": a.avg_bits,
+        "bytes": a.bytes,
+        "error": a.error,
+        "latency": a.latency,
+        "measured_kl": a.measured,
+        "on_front": point.on_front,
+        "chosen": point.chosen,
+        "solver": a.solver,
+        "formats": a.formats,
+        "info": a.info,
+    }
 
 
 @router.get("/front", response_model=FrontOut, responses=RESPONSES)
-def read_front(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep,
-               all_points: Annotated[bool, Query(description="Include a chosen point that is not on the front.")] = False) -> dict:
+def read_front(
+    job_id: uuid.UUID,
+    ctx: ContextDep,
+    token_id: TokenDep,
+    all_points: Annotated[bool, Query(description="Include a chosen point that is not on the front.")] = False,
+) -> dict:
     """The error/size front, smallest first; each point's id downloads its configuration."""
     with ctx.sessions() as session:
         job, front, profile = load_front(session, token_id, job_id)
-        rows = session.execute(select(*POINT_COLUMNS).join(Allocation, Point.allocation_id == Allocation.id)
-                               .where(Point.front_id == front.id).order_by(Point.rank)).mappings().all()
+        rows = (
+            session.execute(
+                select(*POINT_COLUMNS)
+                .join(AllocationRecord, PointRecord.allocation_id == AllocationRecord.id)
+                .where(PointRecord.front_id == front.id)
+                .order_by(PointRecord.rank)
+            )
+            .mappings()
+            .all()
+        )
     return {
-        "job_id": job.id, "axes": front.axes, "solver": front.solver,
-        "profile": {"key": profile.key, "sha256": profile.sha256, "model": profile.model, "metric": profile.metric,
-                    "method": profile.method, "units": profile.units, "formats": profile.formats,
-                    "latency_source": profile.meta.get("latency_source")},
+        "job_id": job.id,
+        "axes": front.axes,
+        "solver": front.solver,
+        "profile": {
+            "key": profile.key,
+            "sha256": profile.sha256,
+            "model": profile.model,
+            "metric": profile.metric,
+            "method": profile.method,
+            "units": profile.units,
+            "formats": profile.formats,
+            "latency_source": profile.meta.get("latency_source"),
+        },
         "chosen_point_id": next((row["id"] for row in rows if row["chosen"]), None),
         "points": [dict(row) for row in rows if row["on_front"] or all_points],
     }
@@ -81,27 +126,42 @@ def read_point(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: Toke
         return point_detail(load_point(session, token_id, job_id, point_id)[1])
 
 
-@router.get("/allocation", response_model=PointDetail, responses={
-    **RESPONSES, 404: {"description": "No such job for this token, or the job had no budget."}})
+@router.get(
+    "/allocation",
+    response_model=PointDetail,
+    responses={**RESPONSES, 404: {"description": "No such job for this token, or the job had no budget."}},
+)
 def read_chosen(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
     """The allocation solved at the job's budget."""
     with ctx.sessions() as session:
         _, front, _ = load_front(session, token_id, job_id)
-        chosen = session.scalar(select(Point).where(Point.front_id == front.id, Point.chosen.is_(True)))
+        chosen = session.scalar(
+            select(PointRecord).where(PointRecord.front_id == front.id, PointRecord.chosen.is_(True))
+        )
         if chosen is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "the job had no budget, so no point was chosen")
         return point_detail(chosen)
 
 
-@router.get("/points/{point_id}/config", responses={
-    **RESPONSES,
-    200: {"content": {e["media_type"]: {} for e in list_exporters()},
-          "description": "The configuration file (Content-Disposition names it; X-Content-SHA256 is its sha256)."},
-    410: {"description": "The job's profile is no longer in storage."},
-    422: {"description": "The format cannot express this allocation; `detail` names each unit and why."}})
-def download_config(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: TokenDep,
-                    format: Annotated[ExportName, Query(description="An export from GET /v1/exports.")] = "json"
-                    ) -> Response:
+@router.get(
+    "/points/{point_id}/config",
+    responses={
+        **RESPONSES,
+        200: {
+            "content": {e["media_type"]: {} for e in list_exporters()},
+            "description": "The configuration file (Content-Disposition names it; X-Content-SHA256 is its sha256).",
+        },
+        410: {"description": "The job's profile is no longer in storage."},
+        422: {"description": "The format cannot express this allocation; `detail` names each unit and why."},
+    },
+)
+def download_config(
+    job_id: uuid.UUID,
+    point_id: int,
+    ctx: ContextDep,
+    token_id: TokenDep,
+    format: Annotated[ExportName, Query(description="An export from GET /v1/exports.")] = "json",
+) -> Response:
     """Download a point's configuration in a runtime's format; it is kept as an artifact of the job (by content hash)."""
     try:
         with transaction(ctx.sessions) as session:
@@ -111,6 +171,9 @@ def download_config(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     except FileNotFoundError as exc:
         raise HTTPException(status.HTTP_410_GONE, "the job's profile is no longer in storage") from exc
-    headers = {"Content-Disposition": f'attachment; filename="{artifact.name}"', "X-Content-SHA256": artifact.sha256,
-               "X-Artifact-Id": str(artifact.id)}
+    headers = {
+        "Content-Disposition": f'attachment; filename="{artifact.name}"',
+        "X-Content-SHA256": artifact.sha256,
+        "X-Artifact-Id": str(artifact.id),
+    }
     return Response(exported.data, media_type=exported.media_type, headers=headers)

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 
 from bitalloc.service import garbage, jobs
 from bitalloc.service.api.deps import ContextDep, TokenDep
-from bitalloc.service.db import transaction
-from bitalloc.service.models import Job, JobLog
-from bitalloc.service.schemas import JobCreate, JobList, JobOut, LogLine, Progress
 from bitalloc.service.context import Context
+from bitalloc.service.db import transaction
+from bitalloc.service.models import JobLogRecord, JobRecord
+from bitalloc.service.schemas import JobCreate, JobList, JobOut, LogLine, Progress
 from bitalloc.service.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"description": "No such job for this token."}}
 
 
-def load_job(session: Session, token_id: int, job_id: uuid.UUID) -> Job:
+def load_job(session: Session, token_id: int, job_id: uuid.UUID) -> JobRecord:
     """The token's job or a 404 (another token's job looks exactly like a missing one)."""
     job = jobs.get_job(session, token_id, job_id)
     if job is None:
@@ -51,17 +51,30 @@ def check_sources(body: JobCreate, settings: Settings) -> None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
              responses={422: {"description": "A field is invalid (loc names it), or the Idempotency-Key was used for another request."}})
-def submit_job(body: JobCreate, ctx: ContextDep, token_id: TokenDep, response: Response,
-               idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
-                                                             description="Retries with the same key return the same job.")] = None) -> Job:
+def submit_job(
+    body: JobCreate,
+    ctx: ContextDep,
+    token_id: TokenDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Retries with the same key return the same job.",
+        ),
+    ] = None,
+) -> JobRecord:
     """Queue a job. A retried request with the same ``Idempotency-Key`` returns the job it made."""
     check_sources(body, ctx.settings)
     try:
         with transaction(ctx.sessions) as session:
             job, created = jobs.submit(session, token_id, body, ctx.settings, idempotency_key)
     except jobs.IdempotencyMismatch as exc:
-        raise RequestValidationError([{"type": "value_error", "loc": ("header", "Idempotency-Key"),
-                                       "msg": str(exc), "input": idempotency_key}]) from exc
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
+        ) from exc
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
         return job
@@ -81,9 +94,13 @@ def enqueue(ctx: Context, job_id: uuid.UUID) -> None:
 
 
 @router.get("", response_model=JobList)
-def list_jobs(ctx: ContextDep, token_id: TokenDep,
-              state: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+def list_jobs(
+    ctx: ContextDep,
+    token_id: TokenDep,
+    state: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict:
     """This token's jobs, newest first."""
     with ctx.sessions() as session:
         items, total = jobs.list_jobs(session, token_id, state, limit, offset)
@@ -91,7 +108,7 @@ def list_jobs(ctx: ContextDep, token_id: TokenDep,
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def read_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
+def read_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> JobRecord:
     with ctx.sessions() as session:
         return load_job(session, token_id, job_id)
 
@@ -104,16 +121,28 @@ def read_progress(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dic
 
 
 @router.get("/{job_id}/log", response_model=list[LogLine], responses=NOT_FOUND)
-def read_log(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep,
-             after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0) -> list[JobLog]:
+def read_log(
+    job_id: uuid.UUID,
+    ctx: ContextDep,
+    token_id: TokenDep,
+    after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0,
+) -> list[JobLogRecord]:
     with ctx.sessions() as session:
         load_job(session, token_id, job_id)
-        return list(session.scalars(select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id).offset(after)))
+        return list(
+            session.scalars(
+                select(JobLogRecord).where(JobLogRecord.job_id == job_id).order_by(JobLogRecord.id).offset(after)
+            )
+        )
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, status_code=status.HTTP_202_ACCEPTED,
-             responses={**NOT_FOUND, 409: {"description": "The job already finished."}})
-def cancel_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**NOT_FOUND, 409: {"description": "The job already finished."}},
+)
+def cancel_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> JobRecord:
     """Cancel a queued job now, or ask a running one to stop (it stops at its next progress report)."""
     with transaction(ctx.sessions) as session:
         try:
@@ -122,8 +151,11 @@ def cancel_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> Job:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses={**NOT_FOUND, 409: {"description": "The job is running: cancel it first."}})
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**NOT_FOUND, 409: {"description": "The job is running: cancel it first."}},
+)
 def delete_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> None:
     """Delete a job and its front, allocations, log, builds and artifact records; then, once that
     committed, the stored files no other job's artifact (nor a cached profile) shares."""

@@ -40,11 +40,11 @@ def run(
     out: Path = typer.Option(Path("bitalloc-run"), help="Output folder: profile.npz, front.json, allocation.json, summary.json."),
 ) -> None:
     """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
-    from bitalloc.quant.loading import ModelLoadError
-    from bitalloc.search import InfeasibleBudget
-    from bitalloc.quant.profile import KVOptions
     from bitalloc.pipeline.run import run_job
     from bitalloc.pipeline.spec import MEASURED, JobSpec
+    from bitalloc.quant.loading import ModelLoadError
+    from bitalloc.quant.profile import KVOptions
+    from bitalloc.search import InfeasibleBudget
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
 
@@ -145,11 +145,11 @@ def solve(
     out: Path = typer.Option(Path("alloc.json"), help="Where to write the allocation."),
 ) -> None:
     """Solve one budget on a stored profile."""
+    from bitalloc.pipeline.problem import problem_of
+    from bitalloc.pipeline.spec import JobSpec
     from bitalloc.quant.profile import Profile
     from bitalloc.search import InfeasibleBudget
     from bitalloc.search import solve as solve_problem
-    from bitalloc.pipeline.spec import JobSpec
-    from bitalloc.pipeline.problem import problem_of
 
     given = budgets(avg_bits, max_bytes, latency, error)
     if not given:
@@ -172,9 +172,9 @@ def front(
     out: Path = typer.Option(Path("front.json"), help="Where to write the front."),
 ) -> None:
     """Sweep the error/size front of a stored profile."""
+    from bitalloc.pipeline.problem import problem_of
     from bitalloc.quant.profile import Profile
     from bitalloc.search import front as sweep
-    from bitalloc.pipeline.problem import problem_of
 
     try:
         result = sweep(problem_of(Profile.load(profile)), ("error", "bytes"), points, solver=solver)

@@ -32,11 +32,11 @@ def token_list() -> None:
     """Tokens by name, with their first characters (never the secret)."""
     from sqlalchemy import select
 
-    from bitalloc.service.models import Token
+    from bitalloc.service.models import TokenRecord
 
     ctx = context()
     with ctx.sessions() as session:
-        for token in session.scalars(select(Token).order_by(Token.id)):
+        for token in session.scalars(select(TokenRecord).order_by(TokenRecord.id)):
             state = "revoked" if token.revoked_at else "active"
             typer.echo(f"{token.id}\t{token.name}\t{token.prefix}...\t{state}\t{token.created_at:%Y-%m-%d %H:%M}")
     ctx.close()

@@ -11,10 +11,10 @@ import uuid
 
 from fastapi import APIRouter, HTTPException, status
 
+from bitalloc.pipeline.baselines import baseline_points
 from bitalloc.quant.profile import Profile
 from bitalloc.service.api.deps import ContextDep, TokenDep
 from bitalloc.service.api.fronts import RESPONSES, load_front
-from bitalloc.pipeline.baselines import baseline_points
 from bitalloc.service.context import Context
 from bitalloc.service.dashboard.layout import format_bits, unit_rows
 from bitalloc.service.schemas import BaselinesOut, UnitsOut

@@ -1,0 +1,163 @@
+"""Run claimed jobs and record what happens: a ``compress`` job through
+``pipeline.run_job``, an ``artifact`` job (a point's packed artifact) through
+``service.builds.run``.
+
+Results are written in the same transaction as the job's success, and only while this
+attempt still owns the lease; a job's own failure (bad input, infeasible budget) fails it
+with the message, anything else with the exception's name (its traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from bitalloc.pipeline.run import run_job
+from bitalloc.search import SearchError
+from bitalloc.service import builds, jobs, results
+from bitalloc.service.attempt import Attempt, Stop
+from bitalloc.service.context import Context
+from bitalloc.service.db import transaction
+from bitalloc.service.models import JobRecord
+from bitalloc.service.schemas import JobCreate
+
+log = logging.getLogger("bitalloc.worker")
+
+# Failures that are the job's own (bad input, unknown model, infeasible budget, a solver
+# that gave up): the job fails with the message, and a retry would fail the same way.
+JOB_ERRORS = (ValueError, FileNotFoundError, SearchError)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run's results left in the database: the job's ``result`` and the log line."""
+
+    result: dict
+    message: str
+    profile_id: int | None = None
+
+
+ResultWriter = Callable[[Session], Outcome]
+"""A finished run's results, written inside the transaction of the job's success."""
+
+
+class Executor:
+    """Claims and runs jobs for one worker (a thread or an RQ work horse)."""
+
+    def __init__(self, ctx: Context, stopping: threading.Event | None = None) -> None:
+        self.ctx = ctx
+        self.stopping = stopping or threading.Event()
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+    def run(self, job_id: uuid.UUID) -> str | None:
+        """Run one queued job; returns its final state, or None when it was not ours to run."""
+        return self._start(lambda session, owner: jobs.claim(session, job_id, owner, self.ctx.settings.lease_seconds))
+
+    def run_next(self) -> str | None:
+        """Claim and run the oldest queued job (embedded mode); None when there is none."""
+        return self._start(lambda session, owner: jobs.claim_next(session, owner, self.ctx.settings.lease_seconds))
+
+    def _start(self, claim: Callable[[Session, str], JobRecord | None]) -> str | None:
+        owner = uuid.uuid4().hex
+        with transaction(self.ctx.sessions) as session:
+            job = claim(session, owner)
+            if job is None:
+                return None
+            jobs.add_log(session, job.id, f"attempt {job.attempts} of {job.max_attempts} on {self.name}")
+        attempt = Attempt(self.ctx, job.id, owner, job.timeout_seconds, self.stopping)
+        work = self._build if job.kind == "artifact" else self._compress
+        try:
+            with attempt.heartbeat():
+                store = work(job, attempt)
+                attempt.check()  # a cancel or timeout noticed after the last progress report
+        except Stop as stop:
+            return self._stopped(attempt, stop)
+        except ValidationError as exc:
+            return self._fail(attempt, f"invalid job spec: {exc}")
+        except JOB_ERRORS as exc:
+            return self._fail(attempt, str(exc))
+        except Exception as exc:  # a bug or the machine (out of memory, ...): the traceback goes to the server log
+            log.exception("job %s failed", job.id)
+            return self._fail(attempt, f"internal error: {type(exc).__name__}: {exc}")
+        return self._succeed(attempt, store)
+
+    def _compress(self, job: JobRecord, attempt: Attempt) -> ResultWriter:
+        """Run the pipeline; its front, points and profile are stored with the job's success."""
+        settings = self.ctx.settings
+        result = run_job(JobCreate.model_validate(job.spec).to_spec(), profile_dir=settings.profile_dir,
+                         policy=settings.load_policy(), progress=attempt.progress)
+        profile_path = settings.profile_dir / f"{result.profile.meta['key']}.npz"
+
+        def store(session: Session) -> Outcome:
+            profile = results.store_profile(session, self.ctx.storage, profile_path, result)
+            summary = results.store(session, session.get_one(JobRecord, job.id), result, profile)
+            return Outcome(summary, f"succeeded: {len(result.front)} front points stored", profile.id)
+
+        return store
+
+    def _build(self, job: JobRecord, attempt: Attempt) -> ResultWriter:
+        """Build and store the point's artifact tar; its ``ArtifactRecord`` is written with the success."""
+        with self.ctx.sessions() as session:
+            inputs = builds.inputs(session, job.id)
+        packed = builds.run(inputs, self.ctx.storage, self.ctx.settings.data_dir / "builds",
+                            self.ctx.settings.load_policy(), attempt.progress)
+
+        def store(session: Session) -> Outcome:
+            artifact = builds.store(session, job.id, packed)
+            return Outcome({"artifact_id": str(artifact.id), "sha256": artifact.sha256, "size": artifact.size},
+                          f"succeeded: artifact {artifact.name} ({artifact.size} bytes, sha256 {artifact.sha256})")
+
+        return store
+
+    def _succeed(self, attempt: Attempt, store: ResultWriter) -> str | None:
+        attempt.tracker.finish()
+        try:
+            with transaction(self.ctx.sessions) as session:
+                outcome = store(session)
+                if not jobs.finish(session, attempt.job_id, attempt.owner, "succeeded", progress=attempt.tracker.snapshot(),
+                                   result=outcome.result, profile_id=outcome.profile_id):
+                    raise _NotOurs()
+                jobs.add_log(session, attempt.job_id, outcome.message)
+        except _NotOurs:
+            # Rolled back: canceled meanwhile, or the lease went to another attempt.
+            return self._stopped(attempt, Stop("canceled", "canceled by request"))
+        except Exception as exc:
+            log.exception("storing results of job %s failed", attempt.job_id)
+            return self._fail(attempt, f"internal error while storing results: {type(exc).__name__}: {exc}")
+        return "succeeded"
+
+    def _stopped(self, attempt: Attempt, stop: Stop) -> str | None:
+        if stop.why == "lost":
+            log.warning("job %s: %s", attempt.job_id, stop)
+            return None
+        if stop.why == "timeout":
+            return self._fail(attempt, str(stop))
+        with transaction(self.ctx.sessions) as session:
+            if stop.why == "stopping":
+                if jobs.release(session, attempt.job_id, attempt.owner):
+                    jobs.add_log(session, attempt.job_id, "worker shut down: job returned to the queue", "warning")
+                return "queued"
+            if jobs.finish(session, attempt.job_id, attempt.owner, "canceled", error=str(stop)):
+                jobs.add_log(session, attempt.job_id, "canceled")
+                return "canceled"
+        return None
+
+    def _fail(self, attempt: Attempt, reason: str) -> str | None:
+        with transaction(self.ctx.sessions) as session:
+            if not jobs.finish(session, attempt.job_id, attempt.owner, "failed", error=reason,
+                               progress=attempt.tracker.snapshot()):
+                return None
+            jobs.add_log(session, attempt.job_id, f"failed: {reason}", "error")
+        return "failed"
+
+
+class _NotOurs(Exception):
+    """The success write found the job no longer ours to finish."""
