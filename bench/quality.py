@@ -177,7 +177,7 @@ class Bench:
         start = time.perf_counter()
         ctx = self.context(quantizer)
         error = trace_errors(ctx, self.traces()) if metric == "hessian_trace" else METRICS[metric](ctx)
-        nbytes, seconds, allowed = cost_tables(self.units.weights, formats, LatencyModel.for_device("h100"), None)
+        nbytes, seconds, allowed = cost_tables(self.units.weights, formats, LatencyModel.for_hardware("h100"), None)
         profile = Profile(self.units.weights, [f.name for f in formats], error, nbytes, seconds, allowed, self.units.tie_groups,
                           {"model": "zoo:llm", "metric": metric, "method": quantizer, "key": key,
                            "seconds": round(time.perf_counter() - start, 1)})
@@ -375,7 +375,7 @@ def kv_problem(bench: Bench, context: int) -> tuple[Problem, UnitSet]:
             for j, name in enumerate(KV_FORMATS):
                 error[i, names.index(name)] = kv[k, j]
                 allowed[i, names.index(name)] = True
-    nbytes, seconds, _ = cost_tables(units.units, formats, LatencyModel.for_device("h100"), KVOptions(context=context))
+    nbytes, seconds, _ = cost_tables(units.units, formats, LatencyModel.for_hardware("h100"), KVOptions(context=context))
     profile = Profile(units.units, names, np.nan_to_num(error), nbytes, seconds, allowed, units.tie_groups,
                       {"metric": "fisher_mse+kv_kl", "kv": {"context": context, "batch": 1}})
     return problem_of(profile), units

@@ -64,7 +64,6 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         clock = now
 
     formats = parse_formats(spec.formats)
-    budgets = spec.budgets_object()
     progress(0, 1, "load")
     model = load_model(spec.model, policy)
     units = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=spec.kv is not None)
@@ -77,14 +76,14 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
 
     profile, cached = ProfileCache(profile_dir).get_or_build(
         model, units, formats, spec.metric, calibration, method=spec.method, kv=spec.kv,
-        device=spec.device, progress=progress)
+        hardware=spec.hardware, progress=progress)
     lap("profile")
 
     problem = problem_of(profile, ties=spec.ties)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
     selector = PointSelector(spec, model, units, calibration, problem, profile_dir)
-    chosen = selector.choose(budgets)
+    chosen = selector.choose()
     if chosen is not None and spec.descend:
         progress(0, 1, "descend")
         chosen = selector.descend(chosen)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bitalloc.pipeline.baselines import BaselineRequest, named_baseline
 from bitalloc.pipeline.problem import problem_of
-from bitalloc.pipeline.spec import KL_METRICS, MEASURED, JobSpec
+from bitalloc.pipeline.spec import KL_METRICS, JobSpec
 from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
 from bitalloc.quant.evaluate import Evaluator, MeasuredKL
 from bitalloc.quant.formats import parse_formats
@@ -51,20 +51,17 @@ class PointSelector:
             return None
         return calibration_hessians(self.model.module, self.units, self.calibration)
 
-    def choose(self, budgets: Budgets) -> Allocation | None:
+    def choose(self) -> Allocation | None:
         spec = self.spec
         if spec.baseline:
-            return self.baseline(budgets)
-        if MEASURED in spec.budgets:
+            return self.baseline(spec.budgets)
+        if spec.measured_kl is not None:
             fitness = self.fitness
             samples = spec.fitness_windows * spec.seq_len
-            return smallest_within(self.problem, spec.budgets[MEASURED],
-                                   evaluator=lambda a: fitness.per_window(a, samples))
-        if not spec.budgets:
+            return smallest_within(self.problem, spec.measured_kl, evaluator=lambda a: fitness.per_window(a, samples))
+        if not spec.budgets.given():
             return None
-        # An error budget alone asks for the smallest allocation within it, as `bitalloc solve` does.
-        objective = "bytes" if set(spec.budgets) == {"error"} else "error"
-        return solve(self.problem, budgets, solver=spec.solver, objective=objective)
+        return solve(self.problem, spec.budgets, solver=spec.solver, objective=spec.budgets.objective())
 
     def baseline(self, budgets: Budgets) -> Allocation:
         request = BaselineRequest.parse(self.spec.baseline or "")
@@ -75,7 +72,7 @@ class PointSelector:
         def trace_problem() -> Problem:
             profile, _ = ProfileCache(self.profile_dir).get_or_build(
                 self.model, self.units, parse_formats(self.spec.formats), "hessian_trace", self.calibration,
-                method=self.spec.method, kv=self.spec.kv, device=self.spec.device)
+                method=self.spec.method, kv=self.spec.kv, hardware=self.spec.hardware)
             return problem_of(profile)
 
         def scores() -> dict[str, float]:
@@ -96,7 +93,8 @@ class PointSelector:
 
     def within(self, start: Allocation) -> Budgets:
         """The start's own size (and latency, where the job bounds it): what measured search keeps to."""
-        return Budgets(max_bytes=start.bytes, max_latency=start.latency if "latency" in self.spec.budgets else None)
+        bounded = self.spec.budgets.max_latency is not None
+        return Budgets(max_bytes=start.bytes, max_latency=start.latency if bounded else None)
 
     def descend(self, start: Allocation) -> Allocation:
         """Proximal descent steps within the start's own size: each step solves the KL's

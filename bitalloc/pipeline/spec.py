@@ -1,19 +1,20 @@
 """The job spec: everything one job needs, as the REST API and the CLI hand it to ``run_job``.
 
-Budgets are validated here, once: the keys a job may bound, in the units users think in,
-and the measured KL target, which stands alone.
+A job's limits are one ``search.Budgets`` (predicted size, latency and error) plus, apart
+from them, the accuracy target ``measured_kl``: KL measured by running the model, which asks
+for the smallest allocation that meets it and so stands alone. ``check_target`` is the one
+place that says so; the REST schema and the CLI call it too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bitalloc.quant.profile import KVOptions
 from bitalloc.quant.quantizers import Method
 from bitalloc.search import Budgets
 
-BUDGET_KEYS = {"avg_bits": "max_avg_bits", "bytes": "max_bytes", "latency": "max_latency", "error": "max_error"}
-MEASURED = "measured_kl"  # a budget on KL measured by the model itself, not predicted by the profile
 KL_METRICS = ("fisher_mse", "kl")  # metrics whose cells are KL in nats per token
 
 
@@ -26,14 +27,15 @@ class JobSpec:
     metric: str = "fisher_mse"
     solver: str = "dp"
     method: Method = "rtn"
-    budgets: dict[str, float] = field(default_factory=dict)
+    budgets: Budgets = field(default_factory=Budgets)
+    measured_kl: float | None = None  # the accuracy target: KL measured by the model itself, not predicted
     points: int = 32
     calibration: str | None = None
     seq_len: int = 512
     samples: int = 32
     seed: int = 0
     kv: KVOptions | None = None
-    device: str = "h100"
+    hardware: str = "h100"  # the GPU the latency budget is for, not where the job computes
     evaluation: str | None = "zoo:evaluation"
     eval_windows: int = 16
     baseline: str | None = None
@@ -50,10 +52,16 @@ class JobSpec:
         text the reference evaluation does."""
         return self.calibration or "zoo:tuning"
 
-    def budgets_object(self) -> Budgets:
-        unknown = set(self.budgets) - set(BUDGET_KEYS) - {MEASURED}
-        if unknown:
-            raise ValueError(f"budgets: unknown keys {sorted(unknown)}; known: {sorted(BUDGET_KEYS) + [MEASURED]}")
-        if MEASURED in self.budgets and len(self.budgets) > 1:
-            raise ValueError(f"budgets: {MEASURED} asks for the smallest allocation that meets it; give it alone")
-        return Budgets(**{BUDGET_KEYS[k]: v for k, v in self.budgets.items() if k != MEASURED})
+    def __post_init__(self) -> None:
+        check_target(self.budgets, self.measured_kl)
+
+
+def check_target(budgets: Budgets, measured_kl: float | None) -> None:
+    """Refuse an accuracy target that is not a positive finite KL, or that comes with other budgets."""
+    if measured_kl is None:
+        return
+    if not (math.isfinite(measured_kl) and measured_kl > 0):
+        raise ValueError(f"measured_kl must be a positive finite KL, got {measured_kl!r}")
+    if budgets.given():
+        raise ValueError(f"measured_kl asks for the smallest allocation that meets it: give it alone, "
+                         f"without {budgets.describe()}")

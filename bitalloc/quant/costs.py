@@ -1,9 +1,9 @@
-"""What a unit costs in a format: exact bytes, and decode latency on a target device.
+"""What a unit costs in a format: exact bytes, and decode latency on the target hardware.
 
 Bytes come from ``Format.nbytes`` and are exact. Latency is for one decode step (batch 1
-by default). When ``bench/kernels.py`` has measured a table for the device, the estimate
+by default). When ``bench/kernels.py`` has measured a table for the hardware, the estimate
 takes the measured throughput (bytes per microsecond) of the nearest measured shape with
-the same width and group; otherwise it is a roofline: bytes over the device's memory
+the same width and group; otherwise it is a roofline: bytes over the hardware's memory
 bandwidth plus a fixed per-kernel launch cost. ``LatencyModel.source`` says which one
 produced the numbers, so a profile never passes an estimate off as a measurement.
 """
@@ -33,7 +33,7 @@ BANDWIDTH = {
 KERNEL_OVERHEAD_S = 4e-6
 
 
-def device_slug(name: str) -> str:
+def hardware_slug(name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``: how latency tables are named."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -53,37 +53,38 @@ def latency_dirs() -> list[Path]:
 
 @dataclass
 class LatencyModel:
-    """Latency of a unit in a format on one device, at one batch size."""
+    """Latency of a unit in a format on the target hardware (the GPU a model is served on, not
+    where bitalloc computes), at one batch size."""
 
-    device: str = "h100"
+    hardware: str = "h100"
     batch: int = 1
     entries: list[dict] = field(default_factory=list)
 
     @classmethod
-    def for_device(cls, device: str = "h100", batch: int = 1) -> "LatencyModel":
-        """A measured model when a table for ``device`` exists, else the roofline."""
-        slug = device_slug(device)
+    def for_hardware(cls, hardware: str = "h100", batch: int = 1) -> "LatencyModel":
+        """A measured model when a table for ``hardware`` exists, else the roofline."""
+        slug = hardware_slug(hardware)
         for folder in latency_dirs():
             for path in sorted(folder.glob("kernels_*.json")):
                 if slug in path.stem:
                     table = json.loads(path.read_text())
                     rows = [e for e in table.get("entries", []) if e.get("batch") == batch and e.get("us")]
                     if rows:
-                        return cls(device, batch, rows)
-        return cls(device, batch)
+                        return cls(hardware, batch, rows)
+        return cls(hardware, batch)
 
     @property
     def bandwidth(self) -> float:
         for key, value in BANDWIDTH.items():
-            if key in device_slug(self.device):
+            if key in hardware_slug(self.hardware):
                 return value
-        raise ValueError(f"unknown device {self.device!r} for a roofline; known: {sorted(BANDWIDTH)}")
+        raise ValueError(f"unknown hardware {self.hardware!r} for a roofline; known: {sorted(BANDWIDTH)}")
 
     @property
     def source(self) -> str:
         if self.entries:
-            return f"measured kernel table for {self.device} (batch {self.batch})"
-        return f"roofline estimate for {self.device}: bytes / {self.bandwidth / 1e12:.2f} TB/s + {KERNEL_OVERHEAD_S * 1e6:.0f} us per kernel"
+            return f"measured kernel table for {self.hardware} (batch {self.batch})"
+        return f"roofline estimate for {self.hardware}: bytes / {self.bandwidth / 1e12:.2f} TB/s + {KERNEL_OVERHEAD_S * 1e6:.0f} us per kernel"
 
     def seconds(self, unit: Unit, fmt: Format, nbytes: int) -> float:
         """Seconds for one decode step of ``unit`` stored in ``fmt`` (``nbytes`` bytes)."""

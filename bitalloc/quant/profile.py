@@ -114,12 +114,12 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 
 def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, formats: list[Format],
-                method: Method, units: UnitSet, kv: KVOptions | None, device: str) -> str:
+                method: Method, units: UnitSet, kv: KVOptions | None, hardware: str) -> str:
     """A hash of everything that determines a profile's numbers."""
     payload = {
         "model": fingerprint, "metric": metric, "calibration": calibration.describe(), "method": method,
         "formats": [f.name for f in formats], "units": units.names(), "ties": units.tie_groups,
-        "kv": None if kv is None else asdict(kv), "device": device, "version": FORMAT_VERSION,
+        "kv": None if kv is None else asdict(kv), "hardware": hardware, "version": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -149,7 +149,7 @@ def build_profile(
     *,
     method: Method = "rtn",
     kv: KVOptions | None = None,
-    device: str = "h100",
+    hardware: str = "h100",
     progress: ProgressFn = no_progress,
     options: dict | None = None,
 ) -> Profile:
@@ -166,11 +166,11 @@ def build_profile(
         from bitalloc.quant.metrics.kv_kl import kv_errors
 
         error[kv_rows] = kv_errors(ctx, [units.units[i] for i in kv_rows])
-    latency_model = LatencyModel.for_device(device)
+    latency_model = LatencyModel.for_hardware(hardware)
     nbytes, seconds, allowed = cost_tables(units.units, formats, latency_model, kv)
     meta = {
         "model": model.spec, "metric": metric, "method": method, "calibration": calibration.describe(),
-        "formats": [f.name for f in formats], "latency_source": latency_model.source, "device": device,
+        "formats": [f.name for f in formats], "latency_source": latency_model.source, "hardware": hardware,
         "kv": None if kv is None else asdict(kv), "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -190,7 +190,7 @@ class ProfileCache:
                      calibration: CalibrationSet, **kwargs) -> tuple[Profile, bool]:
         """The cached profile (and ``True``), or a freshly built and stored one (and ``False``)."""
         key = profile_key(model_fingerprint(model.module), metric, calibration, formats,
-                          kwargs.get("method", "rtn"), units, kwargs.get("kv"), kwargs.get("device", "h100"))
+                          kwargs.get("method", "rtn"), units, kwargs.get("kv"), kwargs.get("hardware", "h100"))
         path = self.path(key)
         if path.exists():
             return Profile.load(path), True

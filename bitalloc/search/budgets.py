@@ -64,9 +64,18 @@ class Budgets:
             caps["error"] = float(self.max_error)
         return caps
 
+    def objective(self) -> Metric:
+        """What a solve within these budgets minimises: bytes when only the error is bounded (the
+        smallest allocation within an error budget), else the predicted error."""
+        return "bytes" if set(self.given()) == {"max_error"} else "error"
+
+    def given(self) -> dict[str, float]:
+        """The budgets that are set, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
     def describe(self) -> str:
         """``max_bytes=..., max_latency=...`` for the budgets that are set."""
-        return ", ".join(f"{f.name}={getattr(self, f.name):.6g}" for f in fields(self) if getattr(self, f.name) is not None)
+        return ", ".join(f"{name}={value:.6g}" for name, value in self.given().items())
 
 
 def average_bits(total_bytes: int, total_numel: int) -> float:

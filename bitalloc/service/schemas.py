@@ -8,6 +8,7 @@ trying (an unknown model, a budget no allocation meets) fails the job with that 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import uuid
 from datetime import datetime
@@ -16,12 +17,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from bitalloc.pipeline.baselines import BASELINE_SPECS, BaselineRequest
-from bitalloc.pipeline.spec import KL_METRICS, MEASURED, JobSpec
-from bitalloc.quant.costs import LatencyModel
+from bitalloc.pipeline.spec import KL_METRICS, JobSpec, check_target
+from bitalloc.quant.costs import BANDWIDTH, LatencyModel
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.metrics import METRICS
 from bitalloc.quant.profile import KVOptions
-from bitalloc.search import SOLVERS
+from bitalloc.search import SOLVERS, Budgets
 
 
 def _solvers() -> list[str]:
@@ -73,15 +74,13 @@ class BudgetsIn(Strict):
     def _one_error_budget(self) -> BudgetsIn:
         if self.kl is not None and self.error is not None:
             raise ValueError("give kl or error, not both (both limit the predicted error)")
-        if self.measured_kl is not None and len(self.model_dump(exclude_none=True)) > 1:
-            raise ValueError("measured_kl asks for the smallest allocation that meets it: give it alone")
+        check_target(self.to_budgets(), self.measured_kl)
         return self
 
-    def pipeline_budgets(self) -> dict[str, float]:
-        """The pipeline's budget keys (a KL budget is the error budget of the ``kl`` metric)."""
-        given = {"avg_bits": self.avg_bits, "bytes": self.bytes, "latency": self.latency,
-                 "error": self.kl if self.kl is not None else self.error, MEASURED: self.measured_kl}
-        return {k: v for k, v in given.items() if v is not None}
+    def to_budgets(self) -> Budgets:
+        """The predicted limits (a KL budget is the error budget of a metric in KL units)."""
+        return Budgets(max_avg_bits=self.avg_bits, max_bytes=self.bytes, max_latency=self.latency,
+                       max_error=self.kl if self.kl is not None else self.error)
 
 
 class KVCacheIn(Strict):
@@ -120,7 +119,11 @@ class JobCreate(Strict):
     kv_cache: KVCacheIn | None = None
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
-    device: str = Field("h100", min_length=1, max_length=64, description="Latency target device.")
+    hardware: str = Field("h100", min_length=1, max_length=64, description="The GPU the quantized model will be "
+                          "served on: its memory bandwidth (or measured kernel table) predicts latency. "
+                          f"Known: {', '.join(sorted(BANDWIDTH))}.")
+    device: str | None = Field(None, exclude=True, description="Renamed: the latency target is `hardware`.",
+                               json_schema_extra={"deprecated": True})
     baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
                                  f"of solving: {', '.join(BASELINE_SPECS)}.")
     ties: bool = Field(True, description="Keep each tie group (fused q/k/v, gate/up) in one format, as vLLM needs; "
@@ -157,11 +160,18 @@ class JobCreate(Strict):
             raise ValueError(f"unknown solver {solver!r}; available: {_solvers()}")
         return solver
 
+    @field_validator("hardware")
+    @classmethod
+    def _hardware(cls, hardware: str) -> str:
+        LatencyModel(hardware).bandwidth  # raises ValueError naming the known hardware
+        return hardware
+
     @field_validator("device")
     @classmethod
-    def _device(cls, device: str) -> str:
-        LatencyModel(device).bandwidth  # raises ValueError naming the known devices
-        return device
+    def _device_was_renamed(cls, device: str | None) -> None:
+        if device is not None:
+            raise ValueError(f"the latency target is now named hardware: send \"hardware\": {json.dumps(device)}; "
+                             "device will name where a job computes")
 
     @field_validator("budgets")
     @classmethod
@@ -195,9 +205,10 @@ class JobCreate(Strict):
         """The pipeline's job spec."""
         kv = None if self.kv_cache is None else KVOptions(self.kv_cache.context, self.kv_cache.batch)
         return JobSpec(model=self.model, formats=list(self.formats), metric=self.metric, solver=self.solver,
-                       method=self.method, budgets=self.budgets.pipeline_budgets(), points=self.points,
+                       method=self.method, budgets=self.budgets.to_budgets(), measured_kl=self.budgets.measured_kl,
+                       points=self.points,
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
-                       samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, device=self.device,
+                       samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, hardware=self.hardware,
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
                        baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties)
 

@@ -6,14 +6,14 @@ from typer.testing import CliRunner
 from bitalloc.pipeline import JobSpec, run_job
 from bitalloc.pipeline.problem import problem_of
 from bitalloc.quant.profile import Profile
-from bitalloc.search import InfeasibleBudget, solve
+from bitalloc.search import Budgets, InfeasibleBudget, solve
 from bitalloc.service.cli import app
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 
 
 def spec(**overrides) -> JobSpec:
-    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets={"avg_bits": 5.0}, points=8,
+    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets=Budgets(max_avg_bits=5.0), points=8,
                 seq_len=32, samples=4, eval_windows=2)
     return JobSpec(**{**base, **overrides})
 
@@ -21,7 +21,7 @@ def spec(**overrides) -> JobSpec:
 def test_run_job_matches_search_on_the_stored_profile(tmp_path, zoo):
     result = run_job(spec(), profile_dir=tmp_path)
     assert not result.profile_cached
-    direct = solve(problem_of(result.profile), spec().budgets_object(), solver="dp")
+    direct = solve(problem_of(result.profile), spec().budgets, solver="dp")
     assert result.chosen.formats == direct.formats and result.chosen.avg_bits <= 5.0
     assert len(result.front) >= 2
     assert result.evaluation["kl"] > 0 and result.evaluation["tokens"] == 2 * 31
@@ -31,12 +31,17 @@ def test_run_job_matches_search_on_the_stored_profile(tmp_path, zoo):
 
 def test_infeasible_budget_names_the_smallest_achievable_value(tmp_path, zoo):
     with pytest.raises(InfeasibleBudget, match="avg"):
-        run_job(spec(budgets={"avg_bits": 1.0}), profile_dir=tmp_path)
+        run_job(spec(budgets=Budgets(max_avg_bits=1.0)), profile_dir=tmp_path)
 
 
-def test_bad_budget_keys_and_formats_are_named(tmp_path):
-    with pytest.raises(ValueError, match="budgets: unknown keys"):
-        run_job(spec(budgets={"bits": 4}), profile_dir=tmp_path)
+def test_bad_budgets_and_formats_are_named(tmp_path):
+    with pytest.raises(ValueError, match="max_avg_bits must be finite"):
+        spec(budgets=Budgets(max_avg_bits=float("nan")))
+    with pytest.raises(ValueError, match="measured_kl asks for the smallest allocation that meets it: give it alone, "
+                                         "without max_avg_bits=5"):
+        spec(measured_kl=0.1)
+    with pytest.raises(ValueError, match="measured_kl must be a positive finite KL"):
+        spec(budgets=Budgets(), measured_kl=float("inf"))
     with pytest.raises(ValueError, match="format 'int7_g32': integer widths"):
         run_job(spec(formats=["int7_g32"]), profile_dir=tmp_path)
 

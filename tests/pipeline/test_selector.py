@@ -7,44 +7,44 @@ from pydantic import ValidationError
 from bitalloc.pipeline import JobSpec, run_job
 from bitalloc.pipeline.baselines import model_info, unit_infos
 from bitalloc.pipeline.problem import problem_of
-from bitalloc.search import baselines
+from bitalloc.search import Budgets, baselines
 from bitalloc.service.schemas import JobCreate
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
 
 
 def spec(**overrides) -> JobSpec:
-    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets={"avg_bits": 5.0}, points=6,
+    base = dict(model="factory:tiny-llama", formats=FORMATS, budgets=Budgets(max_avg_bits=5.0), points=6,
                 seq_len=32, samples=4, eval_windows=2, fitness_windows=2)
     return JobSpec(**{**base, **overrides})
 
 
 def test_a_named_baseline_is_the_chosen_point(tmp_path, zoo):
-    result = run_job(spec(baseline="llama.cpp:Q4_K_M", budgets={}), profile_dir=tmp_path)
+    result = run_job(spec(baseline="llama.cpp:Q4_K_M", budgets=Budgets()), profile_dir=tmp_path)
     problem = problem_of(result.profile)
     units = result.profile.units
     expected = baselines.llamacpp(problem, unit_infos(units), "Q4_K_M", model_info(units))
     assert result.chosen.formats == expected.formats and result.chosen.solver == expected.solver
     assert result.evaluation is not None and result.evaluation["kl"] >= 0
 
-    mixed = run_job(spec(baseline="layers:int2_g32/int8_g32", budgets={"avg_bits": 6.0}), profile_dir=tmp_path)
+    mixed = run_job(spec(baseline="layers:int2_g32/int8_g32", budgets=Budgets(max_avg_bits=6.0)), profile_dir=tmp_path)
     assert mixed.chosen.avg_bits <= 6.0
     assert set(mixed.chosen.formats.values()) == {"int2_g32", "int8_g32"}
 
 
 def test_hawq_and_nncf_baselines_meet_their_target(tmp_path, zoo):
     for name in ("hawq_v3", "nncf:int2_g32/int8_g32"):
-        result = run_job(spec(baseline=name, budgets={"avg_bits": 4.5}, evaluation=None), profile_dir=tmp_path)
+        result = run_job(spec(baseline=name, budgets=Budgets(max_avg_bits=4.5), evaluation=None), profile_dir=tmp_path)
         assert result.chosen.avg_bits <= 4.5
         assert len(set(result.chosen.formats.values())) >= 2, name
 
 
 def test_measured_kl_budget_returns_an_allocation_that_meets_it_by_measurement(tmp_path, zoo):
-    loose = run_job(spec(budgets={"measured_kl": 1e-3}, evaluation=None), profile_dir=tmp_path)
+    loose = run_job(spec(budgets=Budgets(), measured_kl=1e-3, evaluation=None), profile_dir=tmp_path)
     assert loose.chosen.measured is not None
     # held to the upper bound over the fitness windows, which lies above their mean
     assert loose.chosen.measured < loose.chosen.info["measured_bound"] <= 1e-3
-    cheaper = run_job(spec(budgets={"measured_kl": 10.0}, evaluation=None), profile_dir=tmp_path)
+    cheaper = run_job(spec(budgets=Budgets(), measured_kl=10.0, evaluation=None), profile_dir=tmp_path)
     assert cheaper.chosen.bytes <= loose.chosen.bytes
 
 

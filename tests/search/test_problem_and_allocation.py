@@ -124,3 +124,10 @@ def test_a_registered_solver_is_checked_like_the_built_in_ones(monkeypatch) -> N
 
     with pytest.raises(SearchError, match="invalid allocation"):
         solve(Problem(**arrays()), Budgets(max_bytes=60), solver="test-dearest")
+
+
+def test_an_error_budget_alone_asks_for_the_fewest_bytes() -> None:
+    assert Budgets(max_error=0.1).objective() == "bytes"
+    assert Budgets(max_error=0.1, max_avg_bits=4.0).objective() == "error"
+    assert Budgets(max_avg_bits=4.0).objective() == "error"
+    assert Budgets(max_avg_bits=4.0, max_bytes=10).given() == {"max_bytes": 10, "max_avg_bits": 4.0}

@@ -50,7 +50,8 @@ BAD_FIELDS = [
     ({"calibration": {"seed": -1}}, ("body", "calibration", "seed")),
     ({"calibration": {"source": ""}}, ("body", "calibration", "source")),
     ({"evaluation": {"windows": 0}}, ("body", "evaluation", "windows")),
-    ({"device": "tpu"}, ("body", "device")),
+    ({"hardware": "tpu"}, ("body", "hardware")),
+    ({"device": "h100"}, ("body", "device")),
     ({"colour": "blue"}, ("body", "colour")),
 ]
 
@@ -63,6 +64,15 @@ def test_invalid_fields_are_422s_naming_the_field_and_reason(api, change, loc):
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
     assert any(tuple(e["loc"]) == loc and e["msg"] for e in errors), errors
+    assert job_count(ctx) == 0
+
+
+def test_the_old_latency_target_field_names_its_new_name(api):
+    client, ctx, headers = api
+    response = client.post("/v1/jobs", json=job_body(device="a100"), headers=headers)
+    assert response.status_code == 422
+    (error,) = [e for e in response.json()["detail"] if e["loc"][-1] == "device"]
+    assert '"hardware": "a100"' in error["msg"]
     assert job_count(ctx) == 0
 
 

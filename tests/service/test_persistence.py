@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from alembic import command
 from service_helpers import job_body, running_app
-from sqlalchemy import DateTime, Uuid, column, create_engine, insert, inspect, select, table, text
+from sqlalchemy import JSON, DateTime, Uuid, column, create_engine, insert, inspect, select, table, text
 from sqlalchemy.sql.expression import ColumnClause, TableClause
 from typer.testing import CliRunner
 
@@ -46,7 +46,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
 def test_migrations_run_up_down_and_up_again(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     assert TABLES <= set(inspect(engine).get_table_names())
     upgrade(engine)  # again: a no-op, as at every start
     with engine.begin() as connection:
@@ -55,7 +55,7 @@ def test_migrations_run_up_down_and_up_again(empty_database):
         command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     engine.dispose()
 
 
@@ -96,13 +96,40 @@ def test_builds_migration_keeps_every_job_as_a_compression_job_and_its_downgrade
     engine.dispose()
 
 
+def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_after_its_downgrade(empty_database):
+    engine = make_engine(empty_database)
+    upgrade(engine, "0002")
+    jobs = table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), column("spec", JSON),
+                 column("progress", JSON), *(column(name) for name in (
+                     "kind", "token_id", "request_hash", "state", "attempts", "max_attempts", "timeout_seconds",
+                     "cancel_requested")))
+    before = {"model": "zoo:llm", "formats": ["int4_g128"], "device": "a100", "points": 8}
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tokens (id, name, token_hash, prefix, created_at) "
+                                "VALUES (1, 't', 'h', 'p', CURRENT_TIMESTAMP)"))
+        connection.execute(insert(jobs).values(
+            id=uuid.uuid4(), kind="compress", token_id=1, request_hash="a", state="queued", spec=before, progress={},
+            attempts=0, max_attempts=3, timeout_seconds=60.0, cancel_requested=False, created_at=datetime.now(UTC)))
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert connection.execute(select(jobs.c.spec)).scalars().all() == [
+            {"model": "zoo:llm", "formats": ["int4_g128"], "hardware": "a100", "points": 8}]
+    with engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+    with engine.connect() as connection:
+        assert connection.execute(select(jobs.c.spec)).scalars().all() == [before]
+    engine.dispose()
+
+
 def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     try:
         runner = CliRunner()
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "revision 0002" in upgraded.output
+        assert upgraded.exit_code == 0 and "revision 0003" in upgraded.output
         created = runner.invoke(app, ["token", "create", "--name", "ci"])
         assert created.exit_code == 0, created.output
         secret = created.stdout.strip().splitlines()[-1]

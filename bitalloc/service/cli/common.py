@@ -7,8 +7,12 @@ from pathlib import Path
 
 import typer
 
+from bitalloc.search.budgets import Budgets
+
 FORMATS_HELP = "Comma-separated candidate formats, e.g. int3_g128,int4_g128,int5_g128,int6_g128,int8_g128."
 DEFAULT_FORMATS = "int2_g128,int3_g128,int4_g128,int5_g128,int6_g128,int8_g128"
+HARDWARE_HELP = ("The GPU the quantized model will be served on, whose memory bandwidth (or measured kernel "
+                 "table) predicts decode latency: h100, h200, a100, l40s, rtx4090 or cpu.")
 
 
 def fail(message: str) -> typer.Exit:
@@ -17,9 +21,12 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def budgets(avg_bits: float | None, max_bytes: int | None, latency: float | None, error: float | None) -> dict:
-    given = {"avg_bits": avg_bits, "bytes": max_bytes, "latency": latency, "error": error}
-    return {k: v for k, v in given.items() if v is not None}
+def budgets(avg_bits: float | None, max_bytes: int | None, latency: float | None, error: float | None) -> Budgets:
+    """The options' budgets; ``typer.BadParameter`` names a bad value."""
+    try:
+        return Budgets(max_avg_bits=avg_bits, max_bytes=max_bytes, max_latency=latency, max_error=error)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--avg-bits/--max-bytes/--latency/--error") from exc
 
 
 def write_json(path: Path, data: object) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from bitalloc.service.cli.common import DEFAULT_FORMATS, FORMATS_HELP, budgets, fail, read_allocation, write_json
+from bitalloc.service.cli.common import DEFAULT_FORMATS, FORMATS_HELP, HARDWARE_HELP, budgets, fail, read_allocation, write_json
 
 
 def run(
@@ -32,6 +32,7 @@ def run(
                                            "that store them apart (llama.cpp), not for vLLM."),
     kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
+    hardware: str = typer.Option("h100", help=HARDWARE_HELP),
     points: int = typer.Option(32, help="Points on the front sweep."),
     calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
@@ -41,7 +42,7 @@ def run(
 ) -> None:
     """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
     from bitalloc.pipeline.run import run_job
-    from bitalloc.pipeline.spec import MEASURED, JobSpec
+    from bitalloc.pipeline.spec import JobSpec
     from bitalloc.quant.loading import ModelLoadError
     from bitalloc.quant.profile import KVOptions
     from bitalloc.search import InfeasibleBudget
@@ -49,14 +50,13 @@ def run(
     from bitalloc.service.settings import get_settings
 
     settings = get_settings()
-    limits = budgets(avg_bits, max_bytes, latency, error)
-    if measured_kl is not None:
-        limits[MEASURED] = measured_kl
-    spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver, method=method,  # type: ignore[arg-type]
-                   budgets=limits, points=points, calibration=calibration, samples=samples, seq_len=seq_len,
-                   eval_windows=eval_windows, baseline=baseline, descend=descend, refine=refine, ties=not untie,
-                   kv=None if kv_context is None else KVOptions(kv_context, kv_batch))
     try:
+        spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver,
+                       method=method,  # type: ignore[arg-type]
+                       budgets=budgets(avg_bits, max_bytes, latency, error), measured_kl=measured_kl, points=points,
+                       calibration=calibration, samples=samples, seq_len=seq_len, eval_windows=eval_windows,
+                       baseline=baseline, descend=descend, refine=refine, ties=not untie,
+                       kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware)
         with progress_bar() as progress:
             result = run_job(spec, profile_dir=settings.profile_dir, policy=settings.load_policy(), progress=progress)
     except (ModelLoadError, InfeasibleBudget, ValueError, FileNotFoundError) as exc:
@@ -106,7 +106,7 @@ def profile(
     seq_len: int = typer.Option(512, help="Tokens per window."),
     kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
-    device: str = typer.Option("h100", help="Latency target device."),
+    hardware: str = typer.Option("h100", help=HARDWARE_HELP),
     out: Path = typer.Option(Path("profile.npz"), help="Where to write the profile."),
 ) -> None:
     """Measure every unit x format cell of a model and write the profile."""
@@ -127,7 +127,7 @@ def profile(
         data = calibration_for(loaded, calibration, seq_len=seq_len, count=samples)
         with progress_bar() as progress:
             result, cached = ProfileCache(settings.profile_dir).get_or_build(
-                loaded, units, candidates, metric, data, method=method, kv=kv, device=device, progress=progress)
+                loaded, units, candidates, metric, data, method=method, kv=kv, hardware=hardware, progress=progress)
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     result.save(out)
@@ -146,19 +146,16 @@ def solve(
 ) -> None:
     """Solve one budget on a stored profile."""
     from bitalloc.pipeline.problem import problem_of
-    from bitalloc.pipeline.spec import JobSpec
     from bitalloc.quant.profile import Profile
     from bitalloc.search import InfeasibleBudget
     from bitalloc.search import solve as solve_problem
 
     given = budgets(avg_bits, max_bytes, latency, error)
-    if not given:
+    if not given.given():
         raise typer.BadParameter("give at least one budget", param_hint="--avg-bits/--max-bytes/--latency/--error")
     try:
         problem = problem_of(Profile.load(profile))
-        objective = "bytes" if set(given) == {"error"} else "error"
-        allocation = solve_problem(problem, JobSpec(model="", formats=[], budgets=given).budgets_object(),
-                                   solver=solver, objective=objective)
+        allocation = solve_problem(problem, given, solver=solver, objective=given.objective())
     except (InfeasibleBudget, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     write_json(out, allocation.to_dict())
