@@ -51,10 +51,10 @@ def seed(settings) -> tuple[str, str, int, int]:
     from bitalloc.service.auth import create_token
     from bitalloc.service.context import Context
     from bitalloc.service.db import transaction
+    from bitalloc.service.executor import Executor
     from bitalloc.service.jobs import submit
     from bitalloc.service.models import JobRecord
     from bitalloc.service.schemas import JobCreate
-    from bitalloc.service.executor import Executor
 
     ctx = Context.create(settings)
     with transaction(ctx.sessions) as session:

@@ -12,8 +12,8 @@ from bitalloc.service.api import artifacts, exports, fronts, health, jobs
 from bitalloc.service.context import Context
 from bitalloc.service.dashboard import api as dashboard_api
 from bitalloc.service.prometheus import registry_for
-from bitalloc.service.settings import Settings, get_settings
 from bitalloc.service.reaper import Reaper
+from bitalloc.service.settings import Settings, get_settings
 from bitalloc.service.worker import LocalWorkers
 
 

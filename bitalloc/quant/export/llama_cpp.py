@@ -28,10 +28,16 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from bitalloc.quant.export.base import Exporter, ExportError, ExportRequest, Problems, format_family
+from bitalloc import ggml
+from bitalloc.quant.export.base import (
+    Exporter,
+    ExportError,
+    ExportRequest,
+    Problems,
+    format_family,
+)
 from bitalloc.quant.formats import Format
 from bitalloc.quant.gguf_names import gguf_tensor, tensor_type_pattern
 
@@ -41,8 +47,6 @@ PRIMARY = {
     "int2": T.Q2_K, "int3": T.Q3_K, "int4": T.Q4_K, "int5": T.Q5_K, "int6": T.Q6_K, "int8": T.Q8_0,
     "nf4": T.IQ4_XS, "fp4_e2m1": T.MXFP4, "fp6_e3m2": T.Q6_K, "fp8_e4m3": T.Q8_0, "bf16": T.BF16, "fp16": T.F16,
 }
-# llama.cpp's own replacement when a row is not a multiple of a 256-element super-block.
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
 # The llama-quantize type argument whose default tensor type is each ggml type (the base of the run).
 FTYPE = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0",
          T.Q4_0: "Q4_0", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL",
@@ -69,12 +73,12 @@ def ggml_type_for(fmt: Format, k: int) -> TensorType | str:
     """The ggml type for ``fmt`` on rows of ``k`` elements, or why there is none."""
     family = format_family(fmt).removesuffix("_asym")
     primary = PRIMARY[family]
-    if k % GGML_QUANT_SIZES[primary][0] == 0:
+    if ggml.fits(primary.name, k):
         return TensorType(primary)
-    fallback = FALLBACK.get(primary)
-    if fallback is not None and k % GGML_QUANT_SIZES[fallback][0] == 0:
+    fallback = T[ggml.FALLBACK[primary.name]] if primary.name in ggml.FALLBACK else None
+    if fallback is not None and ggml.fits(fallback.name, k):
         return TensorType(fallback, primary)
-    return (f"{fmt.name}: K is not a multiple of {GGML_QUANT_SIZES[fallback or primary][0]}, so no quantized ggml "
+    return (f"{fmt.name}: K is not a multiple of {ggml.block((fallback or primary).name)[0]}, so no quantized ggml "
             f"type fits its rows (llama.cpp would keep it F16)")
 
 
@@ -135,7 +139,7 @@ def tensor_lines(request: ExportRequest, problems: Problems) -> list[Line]:
         note = f"{unit.name}: {fmt.name}"
         if chosen.fallback_from is not None:
             note += f", {ggml_name(chosen.fallback_from)} falls back (K={k} is not a multiple of 256)"
-        block, size = GGML_QUANT_SIZES[chosen.qtype]
+        block, size = ggml.block(chosen.qtype.name)
         lines.append(Line(args, note, chosen.qtype, n * k // block * size))
     return lines
 

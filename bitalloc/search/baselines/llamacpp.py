@@ -43,38 +43,24 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from bitalloc import ggml
 from bitalloc.search.allocation import Allocation
-from bitalloc.search.baselines.common import format_bits, format_index, nearest_format, pin_fixed
+from bitalloc.search.baselines.common import (
+    format_bits,
+    format_index,
+    nearest_format,
+    pin_fixed,
+)
 from bitalloc.search.baselines.info import ModelInfo, UnitInfo, infos_for
 from bitalloc.search.problem import Problem
 
-# ggml block structs (ggml/src/ggml-common.h): (weights per block, bytes per block).
-GGML_BLOCKS: dict[str, tuple[int, int]] = {
-    "Q2_K": (256, 84),    # scales[16] + qs[64] + d, dmin
-    "Q3_K": (256, 110),   # hmask[32] + qs[64] + scales[12] + d
-    "Q4_K": (256, 144),   # d, dmin + scales[12] + qs[128]
-    "Q5_K": (256, 176),   # d, dmin + scales[12] + qh[32] + qs[128]
-    "Q6_K": (256, 210),   # ql[128] + qh[64] + scales[16] + d
-    "Q4_0": (32, 18),     # d + qs[16]
-    "Q4_1": (32, 20),     # d, m + qs[16]
-    "Q5_0": (32, 22),     # d + qh[4] + qs[16]
-    "Q5_1": (32, 24),     # d, m + qh[4] + qs[16]
-    "Q8_0": (32, 34),     # d + qs[32]
-    "IQ4_NL": (32, 18),   # d + qs[16]
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "F32": (1, 4),
-}
-GGML_BPW: dict[str, float] = {t: 8.0 * size / block for t, (block, size) in GGML_BLOCKS.items()}
+GGML_BPW: dict[str, float] = {t: ggml.bits_per_weight(t) for t in ggml.TYPES if t != "IQ4_XS"}
 
 # llama_ftype_get_default_type, for the file types ported here.
 FTYPES: dict[str, str] = {
     "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
     "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
 }
-
-# tensor_type_fallback's switch, for the types these file types produce.
-FALLBACK: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -117,7 +103,7 @@ def rule_type(info: UnitInfo, ftype: str, model: ModelInfo) -> str:
     if cat == "output" or (not model.has_output and cat == "token_embd"):
         if info.row is None:
             raise ValueError("llamacpp: the output tensor's rule needs its row length")
-        if falcon or info.row % GGML_BLOCKS[new][0] != 0:
+        if falcon or not ggml.fits(new, info.row):
             return "Q8_0"
         return "Q6_K" if new != "Q8_0" else new
     if cat == "token_embd":
@@ -178,12 +164,12 @@ def rule_type(info: UnitInfo, ftype: str, model: ModelInfo) -> str:
 
 def fallback_type(ggml_type: str, row: int) -> str:
     """``tensor_type_fallback``: a type whose block divides the row length."""
-    if row % GGML_BLOCKS[ggml_type][0] == 0:
+    if ggml.fits(ggml_type, row):
         return ggml_type
-    if ggml_type not in FALLBACK:
+    if ggml_type not in ggml.FALLBACK:
         raise ValueError(f"llamacpp: no tensor type fallback is defined for {ggml_type} (row length {row})")
-    new = FALLBACK[ggml_type]
-    return new if row % GGML_BLOCKS[new][0] == 0 else "F16"
+    new = ggml.FALLBACK[ggml_type]
+    return new if ggml.fits(new, row) else "F16"
 
 
 def tensor_type(info: UnitInfo, ftype: str, model: ModelInfo, fallback: bool = True) -> str:
