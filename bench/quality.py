@@ -279,7 +279,7 @@ def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]
     for target in targets:
         budgets = Budgets(max_avg_bits=target)
         start = solve(problem, budgets)
-        solver = get_solver("refine", evaluator=fitness, start=start, generations=bench.args.refine_generations,
+        solver = get_solver("refine", measure=fitness, start=start, generations=bench.args.refine_generations,
                             offspring=bench.args.refine_offspring, schedule=schedule, seed=0)
         refined, seconds = timed(lambda: solver.solve(problem, budgets))
         before = bench.latest(quantizer, HEADLINE, target)
@@ -330,7 +330,7 @@ def descend_at(bench: Bench, quantizer: str, bits: float, ties: bool) -> dict:
         fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
         linear = KLGradient(bench.gradient_evaluator, problem.unit_names, problem.format_names, problem.allowed,
                             method=quantizer, hessians=hessians)  # type: ignore[arg-type]
-        solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=solve(problem, budgets),
+        solver = get_solver("descent", measure=fitness, linear=linear, start=solve(problem, budgets),
                             samples=len(bench.fitness.inputs) * bench.args.seq_len, iterations=bench.args.descent_iterations)
         result, seconds = timed(lambda: solver.solve(problem, budgets))
         iterations = result.info["iterations"]
@@ -419,7 +419,7 @@ def run_target(bench: Bench, targets: list[float]) -> list[dict]:
     samples = len(bench.fitness.inputs) * bench.args.seq_len
     rows = []
     for target in targets:
-        allocation, seconds = timed(lambda: smallest_within(problem, target, evaluator=lambda a: fitness.per_window(a, samples),
+        allocation, seconds = timed(lambda: smallest_within(problem, target, measure=fitness, samples=samples,
                                                             steps=bench.args.target_steps))
         point = bench.score(allocation, "rtn", "accuracy target", f"KL <= {target:g}", None, seconds)
         rows.append({"target_kl": target, "avg_bits": point.avg_bits, "calibration_kl": allocation.measured,

@@ -56,9 +56,7 @@ class PointSelector:
         if spec.baseline:
             return self.baseline(spec.budgets)
         if spec.measured_kl is not None:
-            fitness = self.fitness
-            samples = spec.fitness_windows * spec.seq_len
-            return smallest_within(self.problem, spec.measured_kl, evaluator=lambda a: fitness.per_window(a, samples))
+            return smallest_within(self.problem, spec.measured_kl, measure=self.fitness, samples=self.fitness_samples)
         if not spec.budgets.given():
             return None
         return solve(self.problem, spec.budgets, solver=spec.solver, objective=spec.budgets.objective())
@@ -80,6 +78,10 @@ class PointSelector:
 
         return named_baseline(request, self.problem, self.units.units, budgets.max_avg_bits,
                               trace_problem=trace_problem, scores=scores)
+
+    @property
+    def fitness_samples(self) -> int:
+        return self.spec.fitness_windows * self.spec.seq_len
 
     @functools.cached_property
     def fitness(self) -> MeasuredKL:
@@ -109,13 +111,13 @@ class PointSelector:
         problem = self.problem
         linear = KLGradient(evaluator, problem.unit_names, problem.format_names, problem.allowed,
                             method=self.spec.method, hessians=self.hessians)
-        solver = get_solver("descent", evaluator=fitness, linear=lambda a: linear(a.formats), start=start,
-                            samples=self.spec.fitness_windows * self.spec.seq_len, iterations=self.spec.descend)
+        solver = get_solver("descent", measure=fitness, linear=linear, start=start, samples=self.fitness_samples,
+                            iterations=self.spec.descend)
         return solver.solve(problem, self.within(start))
 
     def refine(self, start: Allocation) -> Allocation:
         """EvoPress-style refinement within the start's own size, by KL on growing window counts."""
-        schedule = staged_schedule(self.spec.seq_len, self.spec.fitness_windows * self.spec.seq_len)
-        solver = get_solver("refine", evaluator=self.fitness, start=start, generations=self.spec.refine,
+        schedule = staged_schedule(self.spec.seq_len, self.fitness_samples)
+        solver = get_solver("refine", measure=self.fitness, start=start, generations=self.spec.refine,
                             schedule=schedule, seed=self.spec.seed)
         return solver.solve(self.problem, self.within(start))

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -198,9 +199,17 @@ def uniform(units: list[Unit], format_name: str) -> dict[str, str]:
     return {u.name: format_name for u in units}
 
 
+class Assignment(Protocol):
+    """Anything with a unit -> format map, such as ``search.Allocation`` (which ``quant`` does
+    not import: ``search`` and ``quant`` stand beside each other)."""
+
+    @property
+    def formats(self) -> Mapping[str, str]: ...
+
+
 class MeasuredKL:
-    """A measured objective for the search (``search.SampledEvaluator``): the KL of an
-    allocation on the first ``ceil(samples / window length)`` windows of ``evaluator``.
+    """A measure for the search (``search.Measure``): the KL of an allocation on each of the
+    first ``ceil(samples / window length)`` windows of ``evaluator``.
 
     The windows are the evaluator's, in order, so a larger sample count sees a superset of
     what a smaller one saw and the same (allocation, samples) always measures the same.
@@ -214,14 +223,11 @@ class MeasuredKL:
         self.evaluator, self.method, self.hessians = evaluator, method, hessians
         self.window = evaluator.windows.inputs.shape[-1]
 
-    def __call__(self, allocation: object, samples: int) -> float:
-        return self.measure(allocation, samples).kl
+    def __call__(self, allocation: Assignment, samples: int) -> np.ndarray:
+        """The KL of each window measured; their mean is ``evaluation(...).kl``."""
+        return np.asarray(self.evaluation(allocation, samples).window_kl)
 
-    def per_window(self, allocation: object, samples: int) -> np.ndarray:
-        """The KL of each window measured (``search.WindowedEvaluator``): their mean is ``__call__``'s."""
-        return np.asarray(self.measure(allocation, samples).window_kl)
-
-    def measure(self, allocation: object, samples: int) -> Evaluation:
+    def evaluation(self, allocation: Assignment, samples: int) -> Evaluation:
         windows = min(max(1, math.ceil(samples / self.window)), len(self.evaluator.windows.inputs))
-        formats = allocation.formats  # type: ignore[attr-defined]  (a search.Allocation; quant does not import search)
-        return self.evaluator.evaluate(formats, method=self.method, hessians=self.hessians, max_windows=windows)
+        return self.evaluator.evaluate(allocation.formats, method=self.method, hessians=self.hessians,
+                                       max_windows=windows)

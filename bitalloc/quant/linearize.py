@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from bitalloc.quant.evaluate import Evaluator, applied, kl_sum, model_logits, simulated
+from bitalloc.quant.evaluate import Assignment, Evaluator, applied, kl_sum, model_logits, simulated
 from bitalloc.quant.metrics.fisher_mse import frozen
 from bitalloc.quant.quantizers import Method
 from bitalloc.quant.units import as_matrix, weight_matrix
@@ -67,7 +67,9 @@ class KLGradient:
             for w in weights.values():
                 w.grad = None
 
-    def __call__(self, allocation: Mapping[str, str]) -> np.ndarray:
+    def __call__(self, assignment: Assignment) -> np.ndarray:
+        """The cells around ``assignment`` (a ``search.Allocation``): descent's ``LinearModel``."""
+        allocation = assignment.formats
         gradients = self.gradients(allocation)
         cells = np.zeros((len(self.unit_names), len(self.format_names)))
         cache = self.evaluator.weights

@@ -11,7 +11,7 @@ Pure numpy + OR-Tools + pymoo + Optuna; knows nothing of models. Build a
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
 from bitalloc.search.errors import InfeasibleBudget, SearchError
-from bitalloc.search.evaluators import Evaluator, SampledEvaluator, WindowedEvaluator
+from bitalloc.search.measure import Measure
 from bitalloc.search.front import Front
 from bitalloc.search.pareto import hypervolume, non_dominated
 from bitalloc.search.problem import Problem
@@ -21,7 +21,7 @@ from bitalloc.search.solvers.refine import refine_front
 from bitalloc.search.target import smallest_within
 
 __all__ = [
-    "Allocation", "Budgets", "Evaluator", "Front", "InfeasibleBudget", "Metric", "Problem",
-    "SOLVERS", "SampledEvaluator", "SearchError", "Solver", "front", "get_solver", "hypervolume",
-    "WindowedEvaluator", "non_dominated", "refine_front", "register", "smallest_within", "solve",
+    "Allocation", "Budgets", "Front", "InfeasibleBudget", "Metric", "Problem",
+    "Measure", "SOLVERS", "SearchError", "Solver", "front", "get_solver", "hypervolume",
+    "non_dominated", "refine_front", "register", "smallest_within", "solve",
 ]

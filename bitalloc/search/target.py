@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -12,7 +11,7 @@ from scipy.stats import t as student_t
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets
 from bitalloc.search.errors import InfeasibleBudget
-from bitalloc.search.evaluators import Evaluator
+from bitalloc.search.measure import Measure, windows
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver
 from bitalloc.search.sweep import budget_range
@@ -21,7 +20,8 @@ from bitalloc.search.sweep import budget_range
 def smallest_within(
     problem: Problem,
     max_error: float,
-    evaluator: Evaluator | Callable[[Allocation], np.ndarray] | None = None,
+    measure: Measure | None = None,
+    samples: int = 2048,
     solver: str = "dp",
     steps: int = 10,
     confidence: float | None = 0.95,
@@ -29,7 +29,7 @@ def smallest_within(
 ) -> Allocation:
     """The smallest allocation whose error is at most ``max_error``.
 
-    Predicted error (no ``evaluator``): one exact solve minimising bytes
+    Predicted error (no ``measure``): one exact solve minimising bytes
     within ``max_error`` (see the solver's guarantee).
 
     Measured error: bisection over the byte budget between the cheapest and
@@ -42,10 +42,9 @@ def smallest_within(
     the best measured error, if even the most accurate allocation misses the
     target.
 
-    An evaluator may return one value or its measurement window by window
-    (``WindowedEvaluator.per_window``). With windows, the target must hold for
-    the one-sided upper ``confidence`` bound of their mean, not for the mean
-    alone: the user's text is another sample of windows, and a mean that just
+    The measure runs on ``samples`` and gives one value per window. With more
+    than one window, the target must hold for the one-sided upper ``confidence``
+    bound of their mean (``None``: the mean), not for the mean alone: the user's text is another sample of windows, and a mean that just
     meets the target misses it on other text about half the time. No bound
     sees text unlike the windows, though: on SmolLM2-135M a target of KL 0.05
     met by 8 windows of speeches (mean 0.047, bound 0.049) measured 0.052 on
@@ -56,12 +55,12 @@ def smallest_within(
     if confidence is not None and not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     exact = get_solver(solver, **options)
-    if evaluator is None:
+    if measure is None:
         return exact.solve(problem, Budgets(max_error=max_error), objective="bytes")
 
     def measured_at(max_bytes: int) -> tuple[Allocation, float]:
         allocation = exact.solve(problem, Budgets(max_bytes=max_bytes))
-        values = np.atleast_1d(np.asarray(evaluator(allocation), dtype=float))
+        values = windows(measure, allocation, samples)
         bound = upper_bound(values, confidence)
         info = {**allocation.info, "measured_bound": bound, "confidence": confidence if len(values) > 1 else None}
         return replace(allocation, info=info).with_measured(float(values.mean())), bound

@@ -99,8 +99,10 @@ def test_measured_kl_scores_the_windows_its_sample_count_covers(tiny_llama):
     evaluator = Evaluator(tiny_llama, windows, batch_size=2)
     allocation = type("A", (), {"formats": uniform(units, "int2_g32")})()
     measured = MeasuredKL(evaluator)
-    assert measured(allocation, 33) == evaluator.evaluate(allocation.formats, max_windows=2).kl
-    assert measured(allocation, 10_000) == evaluator.evaluate(allocation.formats).kl
+    two, every = measured(allocation, 33), measured(allocation, 10_000)
+    assert two.shape == (2,) and two.mean() == pytest.approx(evaluator.evaluate(allocation.formats, max_windows=2).kl,
+                                                             rel=1e-12)
+    assert every.shape == (4,) and every.mean() == pytest.approx(evaluator.evaluate(allocation.formats).kl, rel=1e-12)
 
 
 def test_window_kl_is_each_window_scored_alone(tiny_llama):
@@ -118,4 +120,4 @@ def test_window_kl_is_each_window_scored_alone(tiny_llama):
         assert Evaluator(tiny_llama, alone).evaluate(allocation).kl == pytest.approx(result.window_kl[index], rel=1e-6)
     measured = MeasuredKL(Evaluator(tiny_llama, windows, batch_size=2))
     formats = type("A", (), {"formats": allocation})()
-    assert measured.per_window(formats, 40).tolist() == pytest.approx(list(result.window_kl[:2]), rel=1e-9)
+    assert measured(formats, 40).tolist() == pytest.approx(list(result.window_kl[:2]), rel=1e-9)

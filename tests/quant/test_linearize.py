@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,7 @@ def kl_with(evaluator, allocation, name, delta) -> float:
 
 def test_linear_cells_match_central_differences_of_the_measured_kl(setup) -> None:
     evaluator, units, names, allowed, allocation = setup
-    cells = KLGradient(evaluator, names, FORMATS, allowed)(allocation)
+    cells = KLGradient(evaluator, names, FORMATS, allowed)(SimpleNamespace(formats=allocation))
     for i in (3, 6):
         name = names[i]
         w = weight_matrix(dict(evaluator.model.module.named_modules())[name]).detach().float()
@@ -51,7 +53,7 @@ def test_linear_cells_match_central_differences_of_the_measured_kl(setup) -> Non
 
 def test_cells_are_zero_at_the_allocations_own_format_for_caches_and_where_not_allowed(setup) -> None:
     evaluator, units, names, allowed, allocation = setup
-    cells = KLGradient(evaluator, names, FORMATS, allowed)(allocation)
+    cells = KLGradient(evaluator, names, FORMATS, allowed)(SimpleNamespace(formats=allocation))
     weights = [i for i, u in enumerate(units) if u.kind == "weight"]
     caches = [i for i, u in enumerate(units) if u.kind != "weight"]
     assert caches and np.all(cells[caches] == 0)

@@ -154,3 +154,8 @@ def medium_problems(draw: st.DrawFn) -> Problem:
         latency=size / 1e3 + rng.random((units, formats)),
         unit_names=[f"unit{u}" for u in range(units)], format_names=[f"b{b}" for b in bits],
     )
+
+
+def scalar_measure(objective):
+    """A ``search.Measure`` of one window from a plain objective of the allocation."""
+    return lambda allocation, samples: np.array([objective(allocation)])

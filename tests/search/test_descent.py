@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from search_instances import assert_valid, enumerate_allocations, problems, small_model
+from search_instances import assert_valid, enumerate_allocations, problems, scalar_measure, small_model
 
 from bitalloc.search import Allocation, Budgets, solve
 from bitalloc.search.solvers.descent import shifted
@@ -53,7 +53,7 @@ def test_descent_respects_budgets_and_is_never_worse_than_its_start(problem, dat
     rng = np.random.default_rng(seed)
     evaluate = interacting(problem, rng.normal(size=problem.error.shape), weight=float(rng.uniform(0, 50)))
     linear = (lambda a: rng.normal(size=problem.error.shape)) if seed % 2 else coordinate_model(problem, evaluate)
-    result = solve(problem, budgets, solver="descent", evaluator=evaluate, linear=linear, samples=8)
+    result = solve(problem, budgets, solver="descent", measure=scalar_measure(evaluate), linear=linear, samples=8)
     assert_valid(problem, result, budgets)
     start = solve(problem, budgets, solver="dp")
     assert result.info["start_measured"] == evaluate(start)
@@ -69,7 +69,7 @@ def test_descent_finds_the_interaction_the_proxy_cannot_see() -> None:
     evaluate = interacting(problem, signs, weight=20 * float(np.median(problem.error[problem.error > 0])))
     budgets = Budgets(max_avg_bits=5.0)
     start = solve(problem, budgets)
-    result = solve(problem, budgets, solver="descent", evaluator=evaluate, linear=coordinate_model(problem, evaluate),
+    result = solve(problem, budgets, solver="descent", measure=scalar_measure(evaluate), linear=coordinate_model(problem, evaluate),
                    samples=1, steps=(0.1, 0.3, 1.0), iterations=5)
     every = (Allocation.of(problem, c) for c in itertools.product(range(4), repeat=problem.n_units))
     best = min(evaluate(a) for a in every if a.avg_bits <= 5.0 + 1e-9)
@@ -85,12 +85,9 @@ class ByWindow:
     def __init__(self, base, start: Allocation, gain: list[float]) -> None:
         self.base, self.start, self.gain = base, start, np.asarray(gain)
 
-    def per_window(self, allocation: Allocation, samples: int) -> np.ndarray:
+    def __call__(self, allocation: Allocation, samples: int) -> np.ndarray:
         moved = allocation.choice != self.start.choice
         return self.base(allocation) + (self.gain if moved else 0.0) + np.zeros(len(self.gain))
-
-    def __call__(self, allocation: Allocation, samples: int) -> float:
-        return float(self.per_window(allocation, samples).mean())
 
 
 @pytest.mark.parametrize("gain, confidence, moves", [
@@ -104,7 +101,7 @@ def test_a_step_must_be_lower_across_the_windows(gain, confidence, moves) -> Non
     start = solve(problem, budgets)
     evaluate = ByWindow(lambda a: 10.0, start, gain)
     rng = np.random.default_rng(0)
-    result = solve(problem, budgets, solver="descent", evaluator=evaluate, samples=4, iterations=1, confidence=confidence,
+    result = solve(problem, budgets, solver="descent", measure=evaluate, samples=4, iterations=1, confidence=confidence,
                    linear=lambda a: rng.normal(size=problem.error.shape) * problem.error.max())
     step = result.info["iterations"][0]
     assert step["candidates"]  # the random local model did propose moves
@@ -123,15 +120,11 @@ def test_descent_finds_the_interaction_through_a_paired_test() -> None:
     budgets = Budgets(max_avg_bits=5.0)
     start = solve(problem, budgets)
 
-    class Noisy:
-        def per_window(self, allocation: Allocation, samples: int) -> np.ndarray:
-            jitter = np.random.default_rng(list(allocation.choice)).normal(size=4)
-            return truth(allocation) * (1 + 0.01 * jitter)
+    def noisy(allocation: Allocation, samples: int) -> np.ndarray:
+        jitter = np.random.default_rng(list(allocation.choice)).normal(size=4)
+        return truth(allocation) * (1 + 0.01 * jitter)
 
-        def __call__(self, allocation: Allocation, samples: int) -> float:
-            return float(self.per_window(allocation, samples).mean())
-
-    result = solve(problem, budgets, solver="descent", evaluator=Noisy(), linear=coordinate_model(problem, truth),
+    result = solve(problem, budgets, solver="descent", measure=noisy, linear=coordinate_model(problem, truth),
                    samples=4, steps=(0.1, 0.3, 1.0), iterations=5)
     every = (Allocation.of(problem, c) for c in itertools.product(range(4), repeat=problem.n_units))
     best = min(truth(a) for a in every if a.avg_bits <= 5.0 + 1e-9)
@@ -142,7 +135,7 @@ def test_descent_stops_where_no_step_helps() -> None:
     problem = small_model()
     budgets = Budgets(max_avg_bits=5.0)
     evaluate = interacting(problem, np.zeros(problem.error.shape), weight=0.0)  # the proxy itself: the start is optimal
-    result = solve(problem, budgets, solver="descent", evaluator=evaluate, linear=lambda a: np.zeros(problem.error.shape),
+    result = solve(problem, budgets, solver="descent", measure=scalar_measure(evaluate), linear=lambda a: np.zeros(problem.error.shape),
                    samples=4, iterations=3)
     assert result.choice == solve(problem, budgets).choice
     assert len(result.info["iterations"]) == 1 and "accepted" not in result.info["iterations"][0]
@@ -153,13 +146,13 @@ def test_descent_stops_where_no_step_helps() -> None:
                                               ({"confidence": 1.0}, "confidence"), ({"confidence": 0.0}, "confidence")])
 def test_descent_rejects_bad_options(options, message) -> None:
     with pytest.raises(ValueError, match=message):
-        solve(small_model(), Budgets(), solver="descent", **{"evaluator": lambda a, n: 0.0, "linear": lambda a: 0,
+        solve(small_model(), Budgets(), solver="descent", **{"measure": lambda a, n: np.zeros(1), "linear": lambda a: 0,
                                                              "samples": 8, **options})
 
 
 def test_descent_refuses_an_error_budget() -> None:
     with pytest.raises(ValueError, match="max_error"):
-        solve(small_model(), Budgets(max_error=1.0), solver="descent", evaluator=lambda a, n: 0.0,
+        solve(small_model(), Budgets(max_error=1.0), solver="descent", measure=lambda a, n: np.zeros(1),
               linear=lambda a: 0, samples=8)
 
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from search_instances import assert_valid, enumerate_allocations, problems, small_model
+from search_instances import assert_valid, enumerate_allocations, problems, scalar_measure, small_model
 
 from bitalloc.search import Allocation, Budgets, front, get_solver, solve
 from bitalloc.search.pareto import non_dominated
@@ -61,7 +61,7 @@ def test_optuna_optimises_a_measured_objective_from_the_exact_start() -> None:
     def evaluator(allocation: Allocation) -> float:  # disagrees with the proxy: prefers unit0 small
         return allocation.error + 50.0 * allocation.choice[0]
 
-    found = solve(problem, budgets, solver="optuna", n_trials=40, evaluator=evaluator)
+    found = solve(problem, budgets, solver="optuna", n_trials=40, measure=scalar_measure(evaluator))
     assert_valid(problem, found, budgets)
     assert found.measured == pytest.approx(evaluator(found))
     assert found.measured <= evaluator(exact)  # the exact answer was the first trial
@@ -76,9 +76,9 @@ def test_optuna_study_is_stored_and_resumed_at_a_storage_url(tmp_path) -> None:
     assert len(optuna.load_study(study_name="resume", storage=url).trials) == 10
 
 
-def test_optuna_front_with_an_evaluator_is_a_measured_front() -> None:
+def test_optuna_front_with_a_measure_is_a_measured_front() -> None:
     problem = small_model()
-    measured = front(problem, solver="optuna", sampler="nsga2", n_trials=30, evaluator=lambda a: 2 * a.error)
+    measured = front(problem, solver="optuna", sampler="nsga2", n_trials=30, measure=scalar_measure(lambda a: 2 * a.error))
     assert measured.axes == ("measured", "bytes")
     assert all(a.measured == pytest.approx(2 * a.error) for a in measured)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,7 @@ def test_refine_respects_budgets_and_is_never_worse_than_its_start(problem, data
     every = enumerate_allocations(problem)
     budgets = Budgets(max_bytes=int(every.bytes[data.draw(st.integers(0, len(every.choices) - 1))]))
     evaluate = noisy(seed)
-    refined = solve(problem, budgets, solver="refine", evaluator=evaluate, generations=6, offspring=6, schedule=SCHEDULE, seed=seed)
+    refined = solve(problem, budgets, solver="refine", measure=lambda a, n: np.array([evaluate(a, n)]), generations=6, offspring=6, schedule=SCHEDULE, seed=seed)
     assert_valid(problem, refined, budgets)
     start = solve(problem, budgets, solver="dp")
     assert refined.info["start_measured"] == evaluate(start, 16)
@@ -50,7 +51,7 @@ def test_refine_finds_what_the_proxy_misses() -> None:
     def evaluate(allocation: Allocation, samples: int) -> float:
         return allocation.error + (1e3 if allocation.choice[0] == penalised else 0.0)
 
-    refined = solve(problem, budgets, solver="refine", evaluator=evaluate, generations=30, seed=1)
+    refined = solve(problem, budgets, solver="refine", measure=lambda a, n: np.array([evaluate(a, n)]), generations=30, seed=1)
     assert refined.choice[0] != penalised
     assert refined.measured < evaluate(start, 2048)
     assert refined.avg_bits <= 5.0
@@ -59,7 +60,7 @@ def test_refine_finds_what_the_proxy_misses() -> None:
 def test_refine_front_with_no_generations_measures_and_reranks() -> None:
     problem = small_model()
     exact = front(problem, points=8)
-    measured = refine_front(problem, exact, lambda a, n: -a.error, generations=0, schedule=((8, 1),))
+    measured = refine_front(problem, exact, lambda a, n: np.array([-a.error]), generations=0, schedule=((8, 1),))
     assert measured.axes == ("measured", "bytes")
     # Negated error: only the smallest allocation is not dominated by measurement.
     assert len(measured) == 1 and measured[0].bytes == min(a.bytes for a in exact)
@@ -68,7 +69,7 @@ def test_refine_front_with_no_generations_measures_and_reranks() -> None:
 @pytest.mark.parametrize("schedule", [(), ((8, 2),), ((16, 2), (8, 1)), ((8, 1), (16, 2))])
 def test_refine_rejects_a_schedule_that_does_not_narrow_to_one(schedule) -> None:
     with pytest.raises(ValueError, match="schedule"):
-        solve(small_model(), Budgets(), solver="refine", evaluator=lambda a, n: 0.0, schedule=schedule)
+        solve(small_model(), Budgets(), solver="refine", measure=lambda a, n: np.zeros(1), schedule=schedule)
 
 
 @given(smallest=st.integers(1, 5000), final=st.integers(1, 20000))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from search_instances import enumerate_allocations, problems, small_model
+from search_instances import enumerate_allocations, problems, scalar_measure, small_model
 
 from bitalloc.search import Budgets, InfeasibleBudget, smallest_within, solve
 from bitalloc.search.sweep import budget_range
@@ -30,7 +30,7 @@ def test_measured_target_bisects_to_within_its_resolution(steps) -> None:
     measure = lambda a: 3.0 * a.error  # noqa: E731  (a measured scale unlike the proxy's)
     lo, hi = budget_range(problem, "error", "bytes")
     target = measure(solve(problem, Budgets(max_bytes=int((lo + 2 * hi) / 3))))
-    found = smallest_within(problem, target, evaluator=measure, steps=steps)
+    found = smallest_within(problem, target, measure=scalar_measure(measure), steps=steps)
     assert found.measured == measure(found) <= target
     # One resolution step smaller misses the target (the measure falls with the budget here).
     resolution = -(-(int(hi) - int(lo)) // 2**steps)
@@ -41,7 +41,7 @@ def test_measured_target_bisects_to_within_its_resolution(steps) -> None:
 def test_a_target_the_best_allocation_misses_raises_with_its_measured_error() -> None:
     problem = small_model()
     with pytest.raises(InfeasibleBudget) as raised:
-        smallest_within(problem, 1.0, evaluator=lambda a: 5.0 + a.error)
+        smallest_within(problem, 1.0, measure=scalar_measure(lambda a: 5.0 + a.error))
     assert raised.value.budget == "max_error"
     assert raised.value.smallest == pytest.approx(5.0 + solve(problem).error)
 
@@ -57,18 +57,18 @@ def test_windowed_target_holds_with_confidence_not_on_the_mean() -> None:
     windows = lambda a: 3.0 * a.error * (1 + 0.3 * spread)  # noqa: E731
     lo, hi = budget_range(problem, "error", "bytes")
     target = 3.0 * solve(problem, Budgets(max_bytes=int((lo + 2 * hi) / 3))).error
-    found = smallest_within(problem, target, evaluator=windows, steps=12)
+    found = smallest_within(problem, target, measure=lambda a, n: windows(a), steps=12)
     assert ttest_1samp(windows(found), target, alternative="less").pvalue <= 0.05
     assert found.measured == pytest.approx(3.0 * found.error) and found.info["measured_bound"] <= target
     resolution = -(-(int(hi) - int(lo)) // 2**12)
     smaller = solve(problem, Budgets(max_bytes=found.bytes - resolution - 1))
     assert ttest_1samp(windows(smaller), target, alternative="less").pvalue > 0.05
-    on_the_mean = smallest_within(problem, target, evaluator=windows, steps=12, confidence=None)
+    on_the_mean = smallest_within(problem, target, measure=lambda a, n: windows(a), steps=12, confidence=None)
     assert on_the_mean.bytes < found.bytes
-    assert on_the_mean.choice == smallest_within(problem, target, evaluator=lambda a: 3.0 * a.error, steps=12).choice
+    assert on_the_mean.choice == smallest_within(problem, target, measure=scalar_measure(lambda a: 3.0 * a.error), steps=12).choice
 
 
 @pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5])
 def test_a_confidence_outside_0_1_is_refused(confidence) -> None:
     with pytest.raises(ValueError, match="confidence"):
-        smallest_within(small_model(), 1.0, evaluator=lambda a: a.error, confidence=confidence)
+        smallest_within(small_model(), 1.0, measure=scalar_measure(lambda a: a.error), confidence=confidence)

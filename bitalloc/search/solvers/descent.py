@@ -17,9 +17,9 @@ stops when no step helps. It never returns anything worse than its start by the
 measurement.
 
 "Better" must survive the noise of a few measuring windows: picking the best of several
-candidates on four windows favours one that happens to suit them. With an evaluator that
-measures window by window (``search.WindowedEvaluator``), a step is accepted only if a
-one-sided paired t-test over the windows says it is lower at ``confidence``. Measured on
+candidates on four windows favours one that happens to suit them. The measure gives its
+values window by window (``search.Measure``), and a step is accepted only if a one-sided
+paired t-test over the windows says it is lower at ``confidence``. Measured on
 SmolLM2-135M at 5 bits (RTN, tied), a step accepted on a bare comparison of means cut the
 fitness KL by 1.4 % (0.0877 to 0.0865) and raised the evaluation KL by 2.8 % (0.0950 to
 0.0977).
@@ -41,7 +41,7 @@ from scipy.stats import ttest_rel
 
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
-from bitalloc.search.evaluators import SampledEvaluator
+from bitalloc.search.measure import Measure, windows
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver, register
 from bitalloc.search.solver import Solver
@@ -55,18 +55,18 @@ LinearModel = Callable[[Allocation], np.ndarray]
 class DescentSolver(Solver):
     """Proximal descent from one allocation by a measured objective.
 
-    ``evaluator(allocation, samples)`` measures (lower is better) on ``samples``;
+    ``measure(allocation, samples)`` measures (lower is better) window by window on ``samples``;
     ``linear(allocation)`` gives the ``[units, formats]`` first-order cells around an
     allocation (zero at its own formats); ``steps`` are the step sizes tried at each
-    iteration, at most ``iterations`` of them; ``confidence`` is the paired test's level when
-    the evaluator measures window by window (``None`` compares means only). The objective
+    iteration, at most ``iterations`` of them; ``confidence`` is the paired test's level over
+    the windows (``None`` compares means only). The objective
     argument of :meth:`solve` only chooses the start (the exact solver's optimum for it,
     unless ``start`` is given).
     """
 
     name = "descent"
 
-    def __init__(self, evaluator: SampledEvaluator, linear: LinearModel, *, samples: int,
+    def __init__(self, measure: Measure, linear: LinearModel, *, samples: int,
                  start: Allocation | None = None, steps: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
                  iterations: int = 2, confidence: float | None = 0.95) -> None:
         if not steps or any(s <= 0 for s in steps):
@@ -75,7 +75,7 @@ class DescentSolver(Solver):
             raise ValueError(f"iterations and samples must be >= 1, got {iterations} and {samples}")
         if confidence is not None and not 0 < confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-        self.evaluator, self.linear, self.samples = evaluator, linear, samples
+        self.measure, self.linear, self.samples = measure, linear, samples
         self.start, self.steps, self.iterations, self.confidence = start, tuple(steps), iterations, confidence
 
     def unsupported(self, problem: Problem, budgets: Budgets, objective: Metric) -> str | None:
@@ -85,7 +85,7 @@ class DescentSolver(Solver):
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
         current = starting_point(problem, budgets, objective, self.start)
-        measured = self.measure(current)
+        measured = self.measured(current)
         history: list[dict] = [{"measured": float(measured.mean())}]
         rows = np.arange(problem.n_units)
         for _ in range(self.iterations):
@@ -99,25 +99,21 @@ class DescentSolver(Solver):
                 choice = get_solver(exact_solver_name(local, budgets, "error")).solve(local, budgets).choice
                 candidates.setdefault(tuple(choice), step)
             candidates.pop(tuple(current.choice), None)
-            scored = [(self.measure(Allocation.of(problem, c)), step, c) for c, step in candidates.items()]
+            scored = [(self.measured(Allocation.of(problem, c)), step, c) for c, step in candidates.items()]
             history.append({"candidates": [{"step": s, "measured": float(m.mean())} for m, s, _ in scored]})
             if not scored:
                 break
-            windows, step, choice = min(scored, key=lambda candidate: candidate[0].mean())
-            history[-1]["p_value"] = p = self.p_value(measured, windows)
+            best, step, choice = min(scored, key=lambda candidate: candidate[0].mean())
+            history[-1]["p_value"] = p = self.p_value(measured, best)
             if p > (0.0 if self.confidence is None else 1.0 - self.confidence):
                 break
-            measured, current = windows, Allocation.of(problem, choice)
+            measured, current = best, Allocation.of(problem, choice)
             history[-1]["accepted"] = step
         info = {"start_measured": history[0]["measured"], "samples": self.samples, "iterations": history[1:]}
         return Allocation.of(problem, current.choice, solver="descent", info=info).with_measured(float(measured.mean()))
 
-    def measure(self, allocation: Allocation) -> np.ndarray:
-        """The measurement window by window where the evaluator gives them, else its one value."""
-        per_window = getattr(self.evaluator, "per_window", None)
-        if per_window is None:
-            return np.array([self.evaluator(allocation, self.samples)], dtype=float)
-        return np.asarray(per_window(allocation, self.samples), dtype=float)
+    def measured(self, allocation: Allocation) -> np.ndarray:
+        return windows(self.measure, allocation, self.samples)
 
     def p_value(self, current: np.ndarray, candidate: np.ndarray) -> float:
         """How likely a candidate measures this much lower than the current point by chance:

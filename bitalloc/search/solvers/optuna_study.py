@@ -1,4 +1,4 @@
-"""optuna: an Optuna study over the per-group formats, with a pluggable evaluator."""
+"""optuna: an Optuna study over the per-group formats, by the proxy or by a measure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import optuna
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
 from bitalloc.search.errors import SearchError
-from bitalloc.search.evaluators import Evaluator
+from bitalloc.search.measure import Measure, mean
 from bitalloc.search.front import Front
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver, register
@@ -26,9 +26,10 @@ class OptunaSolver(Solver):
     Each group with a choice is one categorical parameter named after its
     first unit, valued by format name, so a study reads naturally in
     Optuna's dashboard. Budgets are Optuna constraints
-    (``Trial.set_constraint``, which both samplers honour). With an
-    ``evaluator``, the error objective is *measured* on each allocation that
-    meets the budgets (e.g. the model's real KL) instead of predicted, and
+    (``Trial.set_constraint``, which both samplers honour). With a
+    ``measure``, the error objective is *measured* (the mean over its windows
+    at a fixed ``samples``) on each allocation that meets the budgets (e.g.
+    the model's real KL) instead of predicted, and
     results carry it in ``measured``; allocations outside the budgets are
     ranked by predicted error and never measured.
 
@@ -47,7 +48,8 @@ class OptunaSolver(Solver):
         n_trials: int = 200,
         timeout: float | None = None,
         sampler: Literal["tpe", "nsga2"] = "tpe",
-        evaluator: Evaluator | None = None,
+        measure: Measure | None = None,
+        samples: int = 2048,
         storage: str | optuna.storages.BaseStorage | None = None,
         study_name: str | None = None,
         seed: int = 0,
@@ -57,7 +59,7 @@ class OptunaSolver(Solver):
         self.n_trials = n_trials
         self.timeout = timeout
         self.sampler = sampler
-        self.evaluator = evaluator
+        self.measure, self.samples = measure, samples
         self.storage = storage
         self.study_name = study_name
         self.seed = seed
@@ -69,11 +71,11 @@ class OptunaSolver(Solver):
 
     def _front(self, problem: Problem, axes: tuple[Metric, ...], points: int, budgets: Budgets) -> Front:
         found = self._study(problem, axes, budgets, start=[])
-        measured_axes = tuple("measured" if self.evaluator and m == "error" else m for m in axes)
+        measured_axes = tuple("measured" if self.measure and m == "error" else m for m in axes)
         return Front.of(found, measured_axes)
 
     def _score(self, allocation: Allocation, metric: Metric) -> float:
-        return allocation.measured if self.evaluator and metric == "error" else allocation.value(metric)
+        return allocation.measured if self.measure and metric == "error" else allocation.value(metric)
 
     def _study(self, problem: Problem, axes: Sequence[Metric], budgets: Budgets, start: list[Allocation]) -> list[Allocation]:
         """Run the study; the allocations of its trials within the budgets."""
@@ -100,8 +102,8 @@ class OptunaSolver(Solver):
                 feasible &= excess <= 0
             values = []
             for m in axes:
-                if m == "error" and self.evaluator is not None and feasible:
-                    value = float(self.evaluator(allocation))
+                if m == "error" and self.measure is not None and feasible:
+                    value = mean(self.measure, allocation, self.samples)
                     trial.set_user_attr("measured", value)
                     values.append(value)
                 else:
@@ -122,8 +124,8 @@ class OptunaSolver(Solver):
         study.optimize(objective, n_trials=self.n_trials, timeout=self.timeout)
 
         # A resumed study may hold trials run under other budgets or without
-        # the evaluator: check each against this call's budgets and needs.
-        needs_measure = self.evaluator is not None and "error" in axes
+        # the measure: check each against this call's budgets and needs.
+        needs_measure = self.measure is not None and "error" in axes
         found = []
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if set(trial.params) != set(names.values()) or (needs_measure and "measured" not in trial.user_attrs):

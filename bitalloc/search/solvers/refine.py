@@ -17,7 +17,7 @@ import numpy as np
 
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
-from bitalloc.search.evaluators import SampledEvaluator
+from bitalloc.search.measure import Measure, mean
 from bitalloc.search.front import Front
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver, register
@@ -29,16 +29,17 @@ from bitalloc.search.solvers.knapsack import exact_solver_name
 class RefineSolver(Solver):
     """Evolutionary refinement of one allocation by a measured objective.
 
-    ``evaluator(allocation, samples)`` measures (lower is better);
+    ``measure(allocation, samples)`` measures window by window; the mean is compared (lower is
+    better);
     ``schedule`` is the selection: ``((samples, keep), ...)`` with samples
     growing and the last keep 1 (EvoPress's multi-step selection). Each
     generation makes ``offspring`` children of the parent with 1 to
     ``max_swaps`` level swaps each; every stage measures the candidates left
     and keeps the best ``keep``, the parent always among the finalists.
 
-    Never returns something worse than its start by the evaluator at the
-    final stage's sample count, as long as the evaluator returns the same
-    value for the same (allocation, samples): evaluations are cached, the
+    Never returns something worse than its start by the measure at the
+    final stage's sample count, as long as the measure returns the same
+    values for the same (allocation, samples): evaluations are cached, the
     parent competes in every final stage, and it is replaced only by a child
     that measures strictly better. The objective argument of :meth:`solve`
     only chooses the start (the exact solver's optimum for it, unless
@@ -49,7 +50,7 @@ class RefineSolver(Solver):
 
     def __init__(
         self,
-        evaluator: SampledEvaluator,
+        measure: Measure,
         start: Allocation | None = None,
         generations: int = 50,
         offspring: int = 16,
@@ -60,7 +61,7 @@ class RefineSolver(Solver):
         schedule = tuple((int(s), int(k)) for s, k in schedule)
         if not schedule or schedule[-1][1] != 1 or any(b[0] <= a[0] or b[1] > a[1] for a, b in zip(schedule, schedule[1:])):
             raise ValueError(f"schedule must grow in samples and shrink in keep down to 1, got {schedule}")
-        self.evaluator = evaluator
+        self.measure = measure
         self.start = start
         self.generations = generations
         self.offspring = offspring
@@ -106,7 +107,7 @@ class _Evolution:
     def measure(self, choice: np.ndarray, samples: int) -> float:
         key = (tuple(choice.tolist()), samples)
         if key not in self.cache:
-            self.cache[key] = float(self.solver.evaluator(self.allocation(choice), samples))
+            self.cache[key] = mean(self.solver.measure, self.allocation(choice), samples)
         return self.cache[key]
 
     def allocation(self, choice: np.ndarray) -> Allocation:
@@ -171,7 +172,7 @@ def staged_schedule(smallest: int, final: int) -> tuple[tuple[int, int], ...]:
     return tuple(kept)
 
 
-def refine_front(problem: Problem, front: Front, evaluator: SampledEvaluator, **options: object) -> Front:
+def refine_front(problem: Problem, front: Front, measure: Measure, **options: object) -> Front:
     """Refine every point of a front within its own size (and latency), then
     keep the points that are not dominated by measurement.
 
@@ -181,5 +182,5 @@ def refine_front(problem: Problem, front: Front, evaluator: SampledEvaluator, **
     refined = []
     for point in front:
         budgets = Budgets(max_bytes=point.bytes, max_latency=point.latency if "latency" in front.axes else None)
-        refined.append(RefineSolver(evaluator, start=point, **options).solve(problem, budgets))  # type: ignore[arg-type]
+        refined.append(RefineSolver(measure, start=point, **options).solve(problem, budgets))  # type: ignore[arg-type]
     return Front.of(refined, ("measured", *(a for a in front.axes if a not in ("error", "measured"))))
