@@ -5,7 +5,8 @@ It sits between ``service`` (HTTP, database, queue, workers, CLI) and the librar
 
 * ``spec``: ``JobSpec``, the budgets a job may bound and their validation;
 * ``problem``: ``problem_of``, a profile as the search problem it poses;
-* ``selector``: ``PointSelector``, the point at the budget and its measured improvement;
+* ``steps``: the ``Step`` s that choose the point (``Solve``, ``Baseline``, ``Target``, then
+  ``Descend`` and ``Refine``), composed by ``recipe(spec)``;
 * ``baselines``: the allocations a job is compared against, on the same profile;
 * ``run``: ``run_job``, the whole job.
 """

@@ -1,8 +1,9 @@
 """The job pipeline: one function from a job spec to a front and the chosen point.
 
-load -> calibrate -> profile (cached) -> solve (a front sweep, and the point at the
-budget, see ``selector``) -> evaluate the chosen point. ``bitalloc run`` and the workers
-call the same ``run_job``; the service adds persistence, queueing and HTTP around it.
+load -> calibrate -> profile (cached) -> solve (a front sweep; the point at the budget and
+its measured improvement, the ``steps`` of the job's ``recipe``) -> evaluate the chosen
+point. ``bitalloc run`` and the workers call the same ``run_job``; the service adds
+persistence, queueing and HTTP around it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitalloc.pipeline.problem import problem_of
-from bitalloc.pipeline.selector import PointSelector
 from bitalloc.pipeline.spec import JobSpec
+from bitalloc.pipeline.steps import Workspace, recipe
 from bitalloc.quant.calibration import calibration_for, evaluation_tokens, shared_documents
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import parse_formats
@@ -82,21 +83,18 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     problem = problem_of(profile, ties=spec.ties)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
-    selector = PointSelector(spec, model, units, calibration, problem, profile_dir)
-    chosen = selector.choose()
-    if chosen is not None and spec.descend:
-        progress(0, 1, "descend")
-        chosen = selector.descend(chosen)
-    if chosen is not None and spec.refine:
-        progress(0, 1, "refine")
-        chosen = selector.refine(chosen)
+    work = Workspace(spec, model, units, calibration, problem, profile_dir)
+    chosen = None
+    for step in recipe(spec):
+        progress(0, 1, step.name)
+        chosen = step(work, chosen)
     progress(1, 1, "solve")
     lap("solve")
 
     evaluation = None
     if chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
-        evaluation = evaluate_point(model, chosen, spec, selector.hessians)
+        evaluation = evaluate_point(model, chosen, spec, work.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
     return JobResult(profile, cached, sweep, chosen, evaluation, seconds)

@@ -11,8 +11,8 @@ Pure numpy + OR-Tools + pymoo + Optuna; knows nothing of models. Build a
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
 from bitalloc.search.errors import InfeasibleBudget, SearchError
-from bitalloc.search.measure import Measure
 from bitalloc.search.front import Front
+from bitalloc.search.measure import Measure
 from bitalloc.search.pareto import hypervolume, non_dominated
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import SOLVERS, front, get_solver, register, solve

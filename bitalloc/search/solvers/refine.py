@@ -17,8 +17,8 @@ import numpy as np
 
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
-from bitalloc.search.measure import Measure, mean
 from bitalloc.search.front import Front
+from bitalloc.search.measure import Measure, mean
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver, register
 from bitalloc.search.solver import Solver

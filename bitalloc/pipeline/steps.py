@@ -1,0 +1,183 @@
+"""The steps that choose a job's point, behind one interface, composed by ``recipe``.
+
+A ``Step`` takes the point so far (``None`` before the first step) and returns the next one.
+The first step picks the point at the budget: ``Solve`` (the exact optimum of the profile's
+predicted error), ``Baseline`` (a named published rule), or ``Target`` (the smallest
+allocation whose *measured* KL meets the accuracy target). Measured improvement follows:
+``Descend`` (proximal steps on the KL's local model), then ``Refine`` (EvoPress-style
+evolution), each within its start's own size and never kept unless it measures better.
+
+What steps share (the model, the calibration windows, the problem, GPTQ's Hessians, the
+fitness measure) lives once in a ``Workspace``, computed on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from bitalloc.pipeline.baselines import BaselineRequest, named_baseline
+from bitalloc.pipeline.problem import problem_of
+from bitalloc.pipeline.spec import KL_METRICS, JobSpec
+from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
+from bitalloc.quant.evaluate import Evaluator, MeasuredKL
+from bitalloc.quant.formats import parse_formats
+from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.linearize import KLGradient
+from bitalloc.quant.loading import LoadedModel
+from bitalloc.quant.profile import ProfileCache
+from bitalloc.quant.sensitivity import nncf_scores
+from bitalloc.quant.units import UnitSet
+from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
+from bitalloc.search.solvers.refine import staged_schedule
+
+
+@dataclass
+class Workspace:
+    """What a job's steps share.
+
+    Measured KL is taken on ``fitness_windows`` windows of ``spec.fitness_source`` (the job's
+    calibration text at other random offsets than the profile's, or the reference tuning
+    split): never on the evaluation text the result is judged on. Descent's gradients come
+    from the first ``gradient_windows`` of the profile's own calibration windows, so the steps
+    it proposes and the measurement that accepts them see different text.
+    """
+
+    spec: JobSpec
+    model: LoadedModel
+    units: UnitSet
+    calibration: CalibrationSet
+    problem: Problem
+    profile_dir: Path
+
+    @functools.cached_property
+    def hessians(self) -> dict | None:
+        """GPTQ's calibration Hessians, collected once for measurement and evaluation alike."""
+        if self.spec.method != "gptq":
+            return None
+        return calibration_hessians(self.model.module, self.units, self.calibration)
+
+    @functools.cached_property
+    def fitness(self) -> MeasuredKL:
+        if not self.model.is_causal_lm:
+            raise ValueError("measured KL (descend, refine, measured_kl budgets) needs a causal language model")
+        spec = self.spec
+        windows = calibration_tokens(self.model.tokenizer, spec.fitness_source, seq_len=spec.seq_len,
+                                     count=spec.fitness_windows, seed=spec.seed + 1)
+        return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
+                          hessians=self.hessians)
+
+    @property
+    def fitness_samples(self) -> int:
+        return self.spec.fitness_windows * self.spec.seq_len
+
+    def within(self, start: Allocation) -> Budgets:
+        """The start's own size (and latency, where the job bounds it): what measured search keeps to."""
+        bounded = self.spec.budgets.max_latency is not None
+        return Budgets(max_bytes=start.bytes, max_latency=start.latency if bounded else None)
+
+
+class Step(ABC):
+    """One step of choosing the point: the point so far in, the next point out."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None: ...
+
+
+class Solve(Step):
+    """The exact optimum of the predicted error within the budgets (the fewest bytes for an
+    error budget alone); no point when the job sets no budget (only the front)."""
+
+    name = "solve"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
+        budgets = work.spec.budgets
+        if not budgets.given():
+            return None
+        return solve(work.problem, budgets, solver=work.spec.solver, objective=budgets.objective())
+
+
+class Baseline(Step):
+    """What a user would get without bitalloc, by a published rule, on the same profile."""
+
+    name = "baseline"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation:
+        spec = work.spec
+        request = BaselineRequest.parse(spec.baseline or "")
+        unknown = sorted(set(request.formats()) - set(work.problem.format_names))
+        if unknown:
+            raise ValueError(f"baseline {spec.baseline!r} names formats {unknown} that are not among the job's formats")
+
+        def trace_problem() -> Problem:
+            profile, _ = ProfileCache(work.profile_dir).get_or_build(
+                work.model, work.units, parse_formats(spec.formats), "hessian_trace", work.calibration,
+                method=spec.method, kv=spec.kv, hardware=spec.hardware)
+            return problem_of(profile)
+
+        def scores() -> dict[str, float]:
+            return nncf_scores(work.model.module, work.units.weights, batches=work.calibration.batches(4))
+
+        return named_baseline(request, work.problem, work.units.units, spec.budgets.max_avg_bits,
+                              trace_problem=trace_problem, scores=scores)
+
+
+class Target(Step):
+    """The smallest allocation whose KL, measured on the fitness windows, meets ``measured_kl``
+    with 95 % confidence."""
+
+    name = "target"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation:
+        return smallest_within(work.problem, work.spec.measured_kl, measure=work.fitness,  # type: ignore[arg-type]
+                               samples=work.fitness_samples)
+
+
+class Descend(Step):
+    """Proximal descent steps within the point's own size: each solves the KL's local model
+    (its gradient at the current point) exactly and is kept only if it measures better."""
+
+    name = "descend"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
+        if point is None:
+            return None
+        spec = work.spec
+        if spec.metric not in KL_METRICS:
+            raise ValueError(f"descend: the steps weigh KL gradients against the profile's error, so the metric must "
+                             f"be in KL units {KL_METRICS}, not {spec.metric!r}")
+        fitness = work.fitness
+        gradient = Evaluator(work.model, work.calibration.head(spec.gradient_windows), batch_size=2)
+        gradient.weights = fitness.evaluator.weights  # one cache of quantized cells for both
+        problem = work.problem
+        linear = KLGradient(gradient, problem.unit_names, problem.format_names, problem.allowed,
+                            method=spec.method, hessians=work.hessians)
+        solver = get_solver("descent", measure=fitness, linear=linear, start=point, samples=work.fitness_samples,
+                            iterations=spec.descend)
+        return solver.solve(problem, work.within(point))
+
+
+class Refine(Step):
+    """EvoPress-style refinement within the point's own size, by KL on growing window counts."""
+
+    name = "refine"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
+        if point is None:
+            return None
+        spec = work.spec
+        schedule = staged_schedule(spec.seq_len, work.fitness_samples)
+        solver = get_solver("refine", measure=work.fitness, start=point, generations=spec.refine,
+                            schedule=schedule, seed=spec.seed)
+        return solver.solve(work.problem, work.within(point))
+
+
+def recipe(spec: JobSpec) -> list[Step]:
+    """The steps a job asks for, in order: how the point is picked, then how it is improved."""
+    first: Step = Baseline() if spec.baseline else Target() if spec.measured_kl is not None else Solve()
+    return [first, *([Descend()] if spec.descend else []), *([Refine()] if spec.refine else [])]
