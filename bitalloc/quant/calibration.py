@@ -2,14 +2,16 @@
 
 Sources (a string, so a job spec can name one):
 
-* ``zoo:calibration`` / ``zoo:evaluation`` / ``zoo:tuning``: the reference splits built by
-  ``bitalloc zoo build``;
+* ``SCHEME:NAME`` for a registered text source (``register_text_source``): ``datasets:`` below,
+  and the plugins' own, such as ``zoo:calibration`` / ``zoo:evaluation`` / ``zoo:tuning``, the
+  reference splits built by ``bitalloc zoo build`` (``quant.zoo`` registers ``zoo``);
 * a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text in the
   ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
 * ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.
 
 Modules that are not language models take input tensors instead: a ``.safetensors`` file
-whose ``inputs`` tensor holds the samples, or ``zoo:digits`` (the digits CNN's training images).
+whose ``inputs`` tensor holds the samples, or a registered tensor source
+(``register_tensor_source``), such as ``zoo:digits`` (the digits CNN's training images).
 
 Documents are tokenized separately and joined with the end-of-sequence token.
 Calibration draws ``count`` windows at seeded random offsets; evaluation cuts consecutive,
@@ -21,11 +23,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bitalloc.quant.plugins import load_plugins
+
+TextSource = Callable[[str], list[str]]
+TensorSource = Callable[[str], torch.Tensor]
+_TEXT_SOURCES: dict[str, TextSource] = {}
+_TENSOR_SOURCES: dict[str, TensorSource] = {}
+
+
+def register_text_source(scheme: str, load: TextSource) -> None:
+    """Make ``SCHEME:NAME`` name the documents ``load(NAME)`` returns (``ValueError`` for a bad name)."""
+    _TEXT_SOURCES[scheme] = load
+
+
+def register_tensor_source(scheme: str, load: TensorSource) -> None:
+    """Make ``SCHEME:NAME`` name the input samples ``load(NAME)`` returns, one per row."""
+    _TENSOR_SOURCES[scheme] = load
+
+
+def _registered(registry: dict, source: str) -> Callable | None:
+    load_plugins()
+    scheme = source.partition(":")[0]
+    return registry.get(scheme) if scheme != source else None
 
 
 @dataclass(frozen=True)
@@ -64,18 +90,15 @@ class CalibrationSet:
 
 def load_texts(source: str) -> list[str]:
     """The documents of a source; ``ValueError`` says what is wrong with a bad one."""
-    if source.startswith("zoo:"):
-        from bitalloc.quant.zoo.corpus import split_path
-
-        return _read_jsonl(split_path(source.removeprefix("zoo:")), "text")
-    if source.startswith("datasets:"):
-        return _load_datasets(source.removeprefix("datasets:"))
+    load = _registered(_TEXT_SOURCES, source)
+    if load is not None:
+        return load(source.partition(":")[2])
     path_text, _, field = source.partition("#")
     path = Path(path_text).expanduser()
     if not path.exists():
         raise ValueError(f"text source {source!r}: file {path} does not exist")
     if path.suffix == ".jsonl":
-        return _read_jsonl(path, field or "text")
+        return read_jsonl(path, field or "text")
     if field:
         raise ValueError(f"text source {source!r}: a field (#...) applies to .jsonl files only")
     text = path.read_text(encoding="utf-8")
@@ -84,7 +107,8 @@ def load_texts(source: str) -> list[str]:
     return [text]
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
+def read_jsonl(path: Path, field: str) -> list[str]:
+    """The ``field`` of every record of a JSON-lines file."""
     texts = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -115,6 +139,9 @@ def _load_datasets(spec: str) -> list[str]:
     if field not in dataset.column_names:
         raise ValueError(f"datasets source {spec!r}: no column {field!r} (columns: {dataset.column_names})")
     return [t for t in dataset[field] if t and t.strip()]
+
+
+register_text_source("datasets", _load_datasets)
 
 
 def text_sha256(texts: list[str]) -> str:
@@ -192,14 +219,14 @@ def tensor_samples(source: str, *, count: int = 256, seed: int = 0) -> Calibrati
     """``count`` input samples (seeded choice) for a module that is not a language model."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    if source == "zoo:digits":
-        from bitalloc.quant.zoo.digits import digits_split
-
-        inputs = digits_split()[0]
+    load = _registered(_TENSOR_SOURCES, source)
+    if load is not None:
+        inputs = load(source.partition(":")[2])
     else:
         path = Path(source).expanduser()
         if path.suffix != ".safetensors" or not path.exists():
-            raise ValueError(f"tensor source {source!r}: expected an existing .safetensors file or zoo:digits")
+            known = ", ".join(f"{scheme}:NAME" for scheme in sorted(_TENSOR_SOURCES))
+            raise ValueError(f"tensor source {source!r}: expected an existing .safetensors file or {known}")
         from safetensors.torch import load_file
 
         tensors = load_file(path)

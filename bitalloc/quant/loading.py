@@ -11,10 +11,9 @@ Specs:
 * a local ``.gguf`` file, loaded (dequantized) through transformers' GGUF support;
 * a hub id (``org/name``), through transformers, which needs the hub to be reachable.
 
-Factories, architectures and schemes register themselves from the modules named by the
-``bitalloc.models`` entry points, imported before the first load: the reference zoo is one
-such plugin (see ``pyproject.toml``), and a user's package can add its own the same way,
-without this module importing any of them.
+Factories, architectures and schemes register themselves from the plugins
+(``quant.plugins``), imported before the first load: the reference zoo is one, and a user's
+package can add its own the same way, without this module importing any of them.
 
 Safety: pickled weights (``.bin``, ``.pt``) are refused and ``trust_remote_code`` is off
 unless the ``LoadPolicy`` allows them; when ``model_roots`` are configured, a local path
@@ -23,12 +22,10 @@ must resolve inside one of them.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-PLUGIN_GROUP = "bitalloc.models"
+from bitalloc.quant.plugins import load_plugins
+
 MODULE_MANIFEST = "bitalloc_model.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -101,22 +99,15 @@ def register_scheme(prefix: str, resolve: Scheme) -> None:
 
 def build_module(architecture: str, kwargs: dict | None = None) -> nn.Module:
     """A fresh module of a registered architecture; ``ModelLoadError`` names the registered ones otherwise."""
-    _load_plugins()
+    load_plugins()
     if architecture not in _ARCHITECTURES:
         raise ModelLoadError(f"unknown architecture {architecture!r}; registered: {sorted(_ARCHITECTURES)}")
     return _ARCHITECTURES[architecture](**(kwargs or {}))
 
 
-@functools.cache
-def _load_plugins() -> None:
-    """Import every ``bitalloc.models`` entry point once; each registers what it provides."""
-    for plugin in entry_points(group=PLUGIN_GROUP):
-        plugin.load()
-
-
 def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec`` in ``dtype`` and eval mode; ``ModelLoadError`` says why when it cannot."""
-    _load_plugins()
+    load_plugins()
     spec = spec.strip()
     if not spec:
         raise ModelLoadError("model spec is empty")

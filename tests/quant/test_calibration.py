@@ -70,3 +70,20 @@ def test_shared_documents_between_sources(tmp_path, zoo):
     assert shared_documents(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")) == 1
     assert shared_documents("zoo:calibration", "zoo:evaluation") == 0
     assert shared_documents("zoo:tuning", "zoo:evaluation") == 0
+
+
+def test_a_registered_text_source_is_named_by_its_scheme(monkeypatch, zoo):
+    from bitalloc.quant import calibration
+
+    monkeypatch.setitem(calibration._TEXT_SOURCES, "memo", lambda name: [f"{name} one", f"{name} two"])
+    assert calibration.load_texts("memo:notes") == ["notes one", "notes two"]
+    assert calibration.load_texts("zoo:tuning")  # the zoo registers its splits through the plugin entry point
+
+
+def test_an_unknown_tensor_source_names_the_registered_schemes(tmp_path):
+    from bitalloc.quant.calibration import tensor_samples
+
+    with pytest.raises(ValueError, match=r"expected an existing \.safetensors file or zoo:NAME"):
+        tensor_samples(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="the zoo's is zoo:digits"):
+        tensor_samples("zoo:faces")

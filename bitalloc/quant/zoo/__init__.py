@@ -22,8 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from bitalloc.quant.calibration import read_jsonl, register_tensor_source, register_text_source
 from bitalloc.quant.loading import ModelLoadError, register_architecture, register_factory, register_scheme
-from bitalloc.quant.zoo.digits import DigitsCNN
+from bitalloc.quant.zoo.digits import DigitsCNN, digits_split
 from bitalloc.quant.zoo.tiny import load_tiny_llama
 
 MANIFEST = "bitalloc_zoo.json"
@@ -61,9 +64,25 @@ def zoo_model_dir(name: str) -> Path:
     return asset_dir(name)
 
 
+def split_texts(split: str) -> list[str]:
+    """``zoo:calibration`` / ``zoo:evaluation`` / ``zoo:tuning``: the documents of a reference split."""
+    from bitalloc.quant.zoo.corpus import split_path
+
+    return read_jsonl(split_path(split), "text")
+
+
+def input_tensors(name: str) -> torch.Tensor:
+    """``zoo:digits``: the digits CNN's training images."""
+    if name != "digits":
+        raise ValueError(f"zoo:{name} is not an input set; the zoo's is zoo:digits")
+    return digits_split()[0]
+
+
 register_factory("tiny-llama", load_tiny_llama)
 register_architecture("digits-cnn", DigitsCNN)
 register_scheme("zoo", zoo_model_dir)
+register_text_source("zoo", split_texts)
+register_tensor_source("zoo", input_tensors)
 
 
 def build_asset(name: str, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
