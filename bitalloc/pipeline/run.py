@@ -71,7 +71,8 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     if model.is_causal_lm and spec.evaluation:
         for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):
             check_disjoint(source, spec.evaluation)
-    calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed)
+    calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed,
+                                  bos=spec.bos)
     progress(1, 1, "load")
     lap("load")
 
@@ -102,6 +103,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, hessians: dict | None = None) -> dict:
     """Held-out perplexity, KL and top-1 agreement of one allocation (GPTQ needs the Hessians)."""
-    windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows)
+    windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows,
+                                bos=spec.bos)
     result = Evaluator(model, windows).evaluate(allocation.formats, method=spec.method, hessians=hessians)
     return {"windows": windows.describe(), **result.to_dict()}

@@ -34,6 +34,7 @@ class JobSpec:
     seq_len: int = 512
     samples: int = 32
     seed: int = 0
+    bos: bool | None = None  # windows start with BOS: as the tokenizer starts a sequence (None), always, or never
     kv: KVOptions | None = None
     hardware: str = "h100"  # the GPU the latency budget is for, not where the job computes
     evaluation: str | None = "zoo:evaluation"

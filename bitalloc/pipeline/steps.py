@@ -66,7 +66,7 @@ class Workspace:
             raise ValueError("measured KL (descend, refine, measured_kl budgets) needs a causal language model")
         spec = self.spec
         windows = calibration_tokens(self.model.tokenizer, spec.fitness_source, seq_len=spec.seq_len,
-                                     count=spec.fitness_windows, seed=spec.seed + 1)
+                                     count=spec.fitness_windows, seed=spec.seed + 1, bos=spec.bos)
         return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
                           hessians=self.hessians)
 

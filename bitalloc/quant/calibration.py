@@ -15,7 +15,11 @@ whose ``inputs`` tensor holds the samples, or a registered tensor source
 
 Documents are tokenized separately and joined with the end-of-sequence token.
 Calibration draws ``count`` windows at seeded random offsets; evaluation cuts consecutive,
-non-overlapping windows, so every evaluated token is scored once. The sha256 of the text
+non-overlapping windows, so every evaluated token is scored once. Each window starts the way
+the model's tokenizer starts a sequence (``sequence_prefix``: BOS for Llama-3, Gemma, Mistral
+and any tokenizer with ``add_bos_token``; nothing for SmolLM2 or Qwen2), since a model trained
+to always see BOS first is another model without it; ``bos`` overrides the choice. The prefix
+only conditions the window: every scored position predicts a text token. The sha256 of the text
 goes with the tokens, so a profile records exactly what calibrated it.
 """
 
@@ -67,6 +71,7 @@ class CalibrationSet:
     source: str
     sha256: str
     tokens: bool = True
+    prefix: tuple[int, ...] = ()
 
     @property
     def samples(self) -> int:
@@ -85,7 +90,7 @@ class CalibrationSet:
         """Provenance: the source, its data hash, and a hash of the exact inputs drawn from it."""
         inputs_sha256 = hashlib.sha256(self.inputs.contiguous().numpy().tobytes()).hexdigest()
         return {"source": self.source, "sha256": self.sha256, "inputs_sha256": inputs_sha256,
-                "shape": list(self.inputs.shape), "samples": self.samples}
+                "shape": list(self.inputs.shape), "samples": self.samples, "prefix": list(self.prefix)}
 
 
 def load_texts(source: str) -> list[str]:
@@ -179,6 +184,35 @@ def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def sequence_prefix(tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before a text (what ``tokenizer(text)`` adds in
+    front of ``tokenizer(text, add_special_tokens=False)``): usually BOS or nothing."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return tuple(full[:start])
+    return ()
+
+
+def window_prefix(tokenizer: Any, bos: bool | None = None) -> tuple[int, ...]:
+    """What each window starts with: as the tokenizer starts a sequence (``bos=None``), the BOS
+    token (``True``), or nothing (``False``)."""
+    if bos is None:
+        return sequence_prefix(tokenizer)
+    if not bos:
+        return ()
+    if tokenizer.bos_token_id is None:
+        raise ValueError("bos: this tokenizer has no BOS token")
+    return (tokenizer.bos_token_id,)
+
+
+def _with_prefix(body: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
+    if not prefix:
+        return body
+    return torch.cat([torch.tensor(prefix, dtype=body.dtype).expand(len(body), -1), body], dim=1)
+
+
 def _check_shape(seq_len: int, count: int | None) -> None:
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -186,33 +220,41 @@ def _check_shape(seq_len: int, count: int | None) -> None:
         raise ValueError(f"count must be at least 1, got {count}")
 
 
-def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
-    """``count`` windows of ``seq_len`` tokens at seeded random offsets of the source."""
+def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0,
+                       bos: bool | None = None) -> CalibrationSet:
+    """``count`` windows of ``seq_len`` tokens: the window prefix, then text from seeded random
+    offsets of the source."""
     _check_shape(seq_len, count)
+    prefix = window_prefix(tokenizer, bos)
+    body = seq_len - len(prefix)
     stream, digest = _source_stream(tokenizer, source)
-    if len(stream) < seq_len:
+    if body < 1 or len(stream) < body:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seq_len + 1, (count,), generator=generator)
-    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
-    return CalibrationSet(windows, source, digest)
+    starts = torch.randint(0, len(stream) - body + 1, (count,), generator=generator)
+    windows = torch.stack([stream[s : s + body] for s in starts.tolist()])
+    return CalibrationSet(_with_prefix(windows, prefix), source, digest, prefix=prefix)
 
 
-def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None) -> CalibrationSet:
-    """Consecutive, non-overlapping windows of the source (the tail shorter than a window is dropped).
+def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_windows: int | None = None,
+                      bos: bool | None = None) -> CalibrationSet:
+    """Consecutive, non-overlapping stretches of the source, each after the window prefix (the
+    tail shorter than a window is dropped).
 
     ``max_windows`` keeps evenly spaced windows across the whole text, so a smaller
     evaluation still samples every document region rather than only the first ones.
     """
     _check_shape(seq_len, max_windows)
+    prefix = window_prefix(tokenizer, bos)
+    body = seq_len - len(prefix)
     stream, digest = _source_stream(tokenizer, source)
-    total = len(stream) // seq_len
+    total = len(stream) // body if body > 0 else 0
     if total == 0:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
-    windows = stream[: total * seq_len].reshape(total, seq_len)
+    windows = stream[: total * body].reshape(total, body)
     if max_windows is not None and max_windows < total:
         windows = windows[torch.linspace(0, total - 1, max_windows).round().long()]
-    return CalibrationSet(windows, source, digest)
+    return CalibrationSet(_with_prefix(windows, prefix), source, digest, prefix=prefix)
 
 
 def tensor_samples(source: str, *, count: int = 256, seed: int = 0) -> CalibrationSet:
@@ -239,14 +281,16 @@ def tensor_samples(source: str, *, count: int = 256, seed: int = 0) -> Calibrati
     return CalibrationSet(inputs[chosen], source, digest, tokens=False)
 
 
-def calibration_for(model: Any, source: str | None = None, *, seq_len: int = 512, count: int = 32, seed: int = 0) -> CalibrationSet:
+def calibration_for(model: Any, source: str | None = None, *, seq_len: int = 512, count: int = 32, seed: int = 0,
+                    bos: bool | None = None) -> CalibrationSet:
     """Calibration inputs that fit the model: token windows for a causal LM, tensors otherwise.
 
     With no ``source``: the reference calibration split for a language model; a module
     must name its inputs (``zoo:digits`` for the reference CNN).
     """
     if getattr(model, "is_causal_lm", False):
-        return calibration_tokens(model.tokenizer, source or "zoo:calibration", seq_len=seq_len, count=count, seed=seed)
+        return calibration_tokens(model.tokenizer, source or "zoo:calibration", seq_len=seq_len, count=count, seed=seed,
+                                  bos=bos)
     if source is None:
         raise ValueError("calibration: a module that is not a language model needs input tensors "
                          "(a .safetensors file with an 'inputs' tensor, or zoo:digits)")

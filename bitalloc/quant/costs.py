@@ -106,7 +106,8 @@ class LatencyModel:
 
 
 def unit_bytes(unit: Unit, fmt: Format, *, context: int = 0, batch: int = 1) -> int:
-    """Exact bytes of a unit in a format; a KV unit counts ``context`` tokens for ``batch`` sequences."""
+    """Exact bytes of a unit in a format; a KV unit counts the tokens it caches at ``context``
+    (its sliding window, if shorter) for ``batch`` sequences."""
     if unit.kind == "weight":
         return fmt.nbytes(unit.shape)
-    return math.ceil(kv_bytes_per_token(unit, fmt) * context * batch)
+    return math.ceil(kv_bytes_per_token(unit, fmt) * unit.cached_tokens(context) * batch)

@@ -119,6 +119,7 @@ def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, form
     payload = {
         "model": fingerprint, "metric": metric, "calibration": calibration.describe(), "method": method,
         "formats": [f.name for f in formats], "units": units.names(), "ties": units.tie_groups,
+        "windows": {u.name: u.window for u in units.units if u.window is not None},
         "kv": None if kv is None else asdict(kv), "hardware": hardware, "version": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -14,7 +14,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,7 +36,9 @@ class Unit:
     """One thing that receives one format.
 
     ``shape`` is the matrix view ``[N, K]`` for weights and ``[kv_heads, head_dim]`` for a
-    cache; ``bytes_per_token`` is what a KV unit costs per cached token at 16 bits.
+    cache; ``bytes_per_token`` is what a KV unit costs per cached token at 16 bits;
+    ``window`` is the most tokens a cache holds (a sliding-window attention layer keeps only
+    its last ``window`` tokens), None when it holds the whole context.
     """
 
     name: str
@@ -44,6 +46,11 @@ class Unit:
     shape: tuple[int, int]
     block: int | None = None
     bytes_per_token: int | None = None
+    window: int | None = None
+
+    def cached_tokens(self, context: int) -> int:
+        """Tokens this cache holds at ``context``: the context, or the layer's window if shorter."""
+        return context if self.window is None else min(context, self.window)
 
     @property
     def numel(self) -> int:
@@ -186,6 +193,17 @@ def sibling_groups(names: Sequence[str], siblings: Sequence[Sequence[str]] = FUS
     return groups
 
 
+def attention_windows(config: Any, layers: int) -> list[int | None]:
+    """Each layer's sliding window, read from the config (not the family's name): ``layer_types``
+    marks the sliding layers of hybrid layouts (Gemma-2/3, Qwen2 with ``use_sliding_window``);
+    without it, a ``sliding_window`` applies to every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types[:layers]]
+    return [window] * layers
+
+
 def kv_units(model: nn.Module) -> list[Unit]:
     """The K and V cache of each attention layer, from a transformers config; none otherwise."""
     config = getattr(model, "config", None)
@@ -197,9 +215,9 @@ def kv_units(model: nn.Module) -> list[Unit]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_token = kv_heads * head_dim * 2
     units = []
-    for layer in range(layers):
-        units.append(Unit(f"kv.{layer}.key", "kv_key", (kv_heads, head_dim), layer, per_token))
-        units.append(Unit(f"kv.{layer}.value", "kv_value", (kv_heads, head_dim), layer, per_token))
+    for layer, window in enumerate(attention_windows(config, layers)):
+        units.append(Unit(f"kv.{layer}.key", "kv_key", (kv_heads, head_dim), layer, per_token, window))
+        units.append(Unit(f"kv.{layer}.value", "kv_value", (kv_heads, head_dim), layer, per_token, window))
     return units
 
 

@@ -134,9 +134,9 @@ def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolic
     model = load_model(build.spec.model, policy)
     calibration = None
     if build.method == "gptq":
-        calibration = calibration_for(
-            model, build.spec.calibration, seq_len=build.spec.seq_len, count=build.spec.samples, seed=build.spec.seed
-        )
+        spec = build.spec
+        calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed,
+                                      bos=spec.bos)
     progress(1, 1, "load")
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:

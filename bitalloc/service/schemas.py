@@ -95,6 +95,9 @@ class CalibrationIn(Strict):
     samples: int = Field(32, ge=1, le=4096, description="Calibration windows (or input samples).")
     seq_len: int = Field(512, ge=8, le=32768, description="Tokens per calibration and evaluation window.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    bos: bool | None = Field(None, description="Start every calibration, fitness and evaluation window with the BOS "
+                             "token: null does what the model's tokenizer does (BOS for Llama-3, Gemma, Mistral; none "
+                             "for SmolLM2, Qwen2).")
 
 
 class EvaluationIn(Strict):
@@ -208,7 +211,8 @@ class JobCreate(Strict):
                        method=self.method, budgets=self.budgets.to_budgets(), measured_kl=self.budgets.measured_kl,
                        points=self.points,
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
-                       samples=self.calibration.samples, seed=self.calibration.seed, kv=kv, hardware=self.hardware,
+                       samples=self.calibration.samples, seed=self.calibration.seed, bos=self.calibration.bos,
+                       kv=kv, hardware=self.hardware,
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
                        baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties)
 
@@ -311,6 +315,8 @@ class UnitOut(BaseModel):
     column: str = Field(description="Heatmap column: the shortest name suffix unique in its block, or K cache / V cache.")
     shape: list[int]
     numel: int
+    context: int | None = Field(None, description="KV units: the tokens this cache holds at the job's context "
+                                "(a sliding-window layer's window, if shorter); null for weights.")
 
 
 class FormatBits(BaseModel):

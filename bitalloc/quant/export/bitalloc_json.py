@@ -21,8 +21,11 @@ def build(request: ExportRequest) -> bytes:
     units = []
     for unit in request.units:
         fmt = request.format_of(unit)
-        units.append({"name": unit.name, "kind": unit.kind, "shape": list(unit.shape), "block": unit.block,
-                      "format": fmt.name, "bytes": unit_bytes(unit, fmt, context=context, batch=batch)})
+        row = {"name": unit.name, "kind": unit.kind, "shape": list(unit.shape), "block": unit.block,
+               "format": fmt.name, "bytes": unit_bytes(unit, fmt, context=context, batch=batch)}
+        if unit.kind != "weight":  # the tokens this cache holds: a sliding-window layer's window, if shorter
+            row["context"] = unit.cached_tokens(context)
+        units.append(row)
     total = sum(u["bytes"] for u in units)
     numel = sum(u.numel for u in request.units)
     provenance = dict(request.provenance)

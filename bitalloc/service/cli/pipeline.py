@@ -37,6 +37,8 @@ def run(
     calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration/evaluation window."),
+    bos: bool | None = typer.Option(None, "--bos/--no-bos", help="Start every window with the BOS token (default: "
+                                    "as the model's tokenizer starts a sequence)."),
     eval_windows: int = typer.Option(16, help="Held-out windows to evaluate the chosen point on."),
     out: Path = typer.Option(Path("bitalloc-run"), help="Output folder: profile.npz, front.json, allocation.json, summary.json."),
 ) -> None:
@@ -54,7 +56,7 @@ def run(
         spec = JobSpec(model=model, formats=formats.split(","), metric=metric, solver=solver,
                        method=method,  # type: ignore[arg-type]
                        budgets=budgets(avg_bits, max_bytes, latency, error), measured_kl=measured_kl, points=points,
-                       calibration=calibration, samples=samples, seq_len=seq_len, eval_windows=eval_windows,
+                       calibration=calibration, samples=samples, seq_len=seq_len, bos=bos, eval_windows=eval_windows,
                        baseline=baseline, descend=descend, refine=refine, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware)
         with progress_bar() as progress:

@@ -44,10 +44,13 @@ def unit_columns(units: list[Unit]) -> dict[str, str]:
 
 
 def unit_rows(profile: Profile) -> list[dict[str, Any]]:
-    """The profile's units, in profile order, with their heatmap column."""
+    """The profile's units, in profile order, with their heatmap column; a KV unit also with the
+    tokens it caches at the profile's context (``None`` without KV units)."""
     columns = unit_columns(profile.units)
+    context = (profile.meta.get("kv") or {}).get("context")
     return [{"name": u.name, "kind": u.kind, "block": u.block, "column": columns[u.name], "shape": list(u.shape),
-             "numel": u.numel} for u in profile.units]
+             "numel": u.numel, "context": None if u.kind == "weight" or context is None else u.cached_tokens(context)}
+            for u in profile.units]
 
 
 def format_bits(profile: Profile) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ function cell(unit, format, colours, differs) {
   if (!format) return h("td", {class: "none", title: `${unit.name}: not in this allocation`});
   const info = colours.get(format) || {colour: "rgb(200,200,200)", bits: null};
   const td = h("td", {class: differs && differs.has(unit.name) ? "cell differs" : "cell", "data-unit": unit.name,
-                      "data-format": format, title: `${unit.name}\n${format} · ${fmtNumber(info.bits, 3)} bits/weight`,
+                      "data-format": format, title: `${unit.name}\n${format} · ${fmtNumber(info.bits, 3)} bits/weight` +
+                        (unit.context == null ? "" : `\ncaches ${unit.context} tokens`),
                       text: format});
   td.style.background = info.colour;
   td.style.color = inkFor(info.colour);
