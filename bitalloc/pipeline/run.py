@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.problem import problem_of
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.pipeline.steps import Workspace, recipe
@@ -64,6 +65,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         seconds[phase] = round(now - clock, 2)
         clock = now
 
+    check_inputs(spec, policy)
     formats = parse_formats(spec.formats)
     progress(0, 1, "load")
     model = load_model(spec.model, policy)

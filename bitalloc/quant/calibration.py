@@ -7,7 +7,8 @@ Sources (a string, so a job spec can name one):
   reference splits built by ``bitalloc zoo build`` (``quant.zoo`` registers ``zoo``);
 * a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text in the
   ``text`` field, or another field named after ``#``: ``data.jsonl#content``);
-* ``datasets:NAME[:CONFIG]:SPLIT[#field]``, loaded with the ``datasets`` library.
+* ``datasets:ORG/NAME[:CONFIG]:SPLIT[#field]``, a dataset on the hub, loaded with the ``datasets``
+  library (never a local folder or one of its file builders: local text is named by its path).
 
 Modules that are not language models take input tensors instead: a ``.safetensors`` file
 whose ``inputs`` tensor holds the samples, or a registered tensor source
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from bitalloc.quant.loading import LoadPolicy
 from bitalloc.quant.plugins import load_plugins
 
 TextSource = Callable[[str], list[str]]
@@ -131,16 +134,39 @@ def read_jsonl(path: Path, field: str) -> list[str]:
     return texts
 
 
-def _load_datasets(spec: str) -> list[str]:
-    from datasets import load_dataset
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
+
+def _dataset_parts(spec: str) -> tuple[str, str | None, str, str]:
+    """``ORG/NAME[:CONFIG]:SPLIT[#field]`` -> (name, config, split, field), refusing anything
+    ``datasets`` would read from this machine: a local folder, a glob, or a file builder such as
+    ``csv`` or ``json`` (which, given no files, reads the working directory)."""
     name_part, _, field = spec.partition("#")
     parts = name_part.split(":")
     if len(parts) not in (2, 3):
-        raise ValueError(f"datasets source {spec!r}: expected datasets:NAME[:CONFIG]:SPLIT[#field]")
+        raise ValueError(f"datasets source {spec!r}: expected datasets:ORG/NAME[:CONFIG]:SPLIT[#field]")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    if not _HUB_DATASET.match(name) or ".." in name or Path(name).exists():
+        raise ValueError(f"datasets source {spec!r}: name a dataset on the hub as ORG/NAME; "
+                         "local text is named by its file path")
+    return name, config, split, field or "text"
+
+
+def check_source(source: str, policy: LoadPolicy) -> None:
+    """What can be refused before any text is read: a ``datasets:`` source that is not a hub
+    dataset, or a local file outside the model roots. ``load_texts`` and ``tensor_samples`` read
+    only what passes, so a job is held to it at submit and in the worker."""
+    if source.startswith("datasets:"):
+        _dataset_parts(source.removeprefix("datasets:"))
+    elif _registered(_TEXT_SOURCES, source) is None and _registered(_TENSOR_SOURCES, source) is None:
+        policy.check_path(Path(source.partition("#")[0]), "text source")
+
+
+def _load_datasets(spec: str) -> list[str]:
+    from datasets import load_dataset
+
+    name, config, split, field = _dataset_parts(spec)
     dataset = load_dataset(name, config, split=split)
-    field = field or "text"
     if field not in dataset.column_names:
         raise ValueError(f"datasets source {spec!r}: no column {field!r} (columns: {dataset.column_names})")
     return [t for t in dataset[field] if t and t.strip()]

@@ -46,11 +46,20 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LoadPolicy:
-    """What the operator allows a model spec to do."""
+    """What the operator allows a job to read: pickled weights, remote code, and (when
+    ``model_roots`` are set) local files only inside those folders."""
 
     allow_pickle: bool = False
     trust_remote_code: bool = False
     model_roots: tuple[Path, ...] = ()
+
+    def check_path(self, path: Path, what: str) -> None:
+        """Refuse a local ``path`` outside the model roots (``what`` names it in the message)."""
+        if not self.model_roots:
+            return
+        resolved = path.expanduser().resolve()
+        if not any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in self.model_roots):
+            raise ModelLoadError(f"{what} {path} is outside the configured model roots")
 
 
 @dataclass
@@ -107,10 +116,8 @@ def build_module(architecture: str, kwargs: dict | None = None) -> nn.Module:
 
 def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec`` in ``dtype`` and eval mode; ``ModelLoadError`` says why when it cannot."""
-    load_plugins()
+    check_model_spec(spec, policy)
     spec = spec.strip()
-    if not spec:
-        raise ModelLoadError("model spec is empty")
     if spec.startswith("factory:"):
         name = spec.removeprefix("factory:")
         if name not in _FACTORIES:
@@ -134,18 +141,22 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or Path(spec).exists() or spec.endswith(".gguf")
 
 
-def _check_roots(path: Path, policy: LoadPolicy) -> None:
-    if not policy.model_roots:
+def check_model_spec(spec: str, policy: LoadPolicy) -> None:
+    """What can be refused before anything loads: an empty spec, or a local path outside the
+    model roots. ``load_model`` checks the same, so a job is held to it at submit and in the worker."""
+    load_plugins()
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("model spec is empty")
+    if spec.startswith("factory:") or spec.partition(":")[0] in _SCHEMES:
         return
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in policy.model_roots):
-        roots = ", ".join(str(r) for r in policy.model_roots)
-        raise ModelLoadError(f"model path {path} is outside the configured model roots ({roots})")
+    if _looks_like_path(spec):
+        policy.check_path(Path(spec), "model path")
 
 
 def _load_local(path: Path, policy: LoadPolicy, dtype: torch.dtype, *, check_roots: bool) -> LoadedModel:
     if check_roots:
-        _check_roots(path, policy)
+        policy.check_path(path, "model path")
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_file():

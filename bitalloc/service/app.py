@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from bitalloc.service import dashboard
-from bitalloc.service.api import artifacts, exports, fronts, health, jobs
+from bitalloc.service.api import artifacts, errors, exports, fronts, health, jobs
 from bitalloc.service.context import Context
 from bitalloc.service.dashboard import api as dashboard_api
 from bitalloc.service.prometheus import registry_for
@@ -41,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   openapi_url="/v1/openapi.json",
                   description="Mixed-precision bit-allocation search: submit a model and budgets, read the "
                               "Pareto front, download the configuration at a point.")
+    app.add_exception_handler(RequestValidationError, errors.validation_error)  # type: ignore[arg-type]
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_request_bytes)
     app.state.ctx = ctx
     app.state.registry = registry_for(ctx)
     v1 = APIRouter(prefix="/v1")

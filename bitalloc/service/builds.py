@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.quant.artifact import build_artifact
 from bitalloc.quant.calibration import calibration_for
@@ -130,6 +131,7 @@ class Packed:
 
 def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolicy, progress: ProgressFn) -> Packed:
     """Build, pack and store the artifact. GPTQ fits on the parent job's own calibration set."""
+    check_inputs(build.spec, policy)
     progress(0, 1, "load")
     model = load_model(build.spec.model, policy)
     calibration = None

@@ -36,6 +36,19 @@ log = logging.getLogger("bitalloc.worker")
 JOB_ERRORS = (ValueError, FileNotFoundError, SearchError)
 
 
+REASON_CHARS = 500
+
+
+def public_reason(message: str) -> str:
+    """A failure's reason as the API shows it: its first line, at most ``REASON_CHARS`` long, so a
+    library's exception can never carry a file's contents or a directory listing to the caller
+    (the whole exception goes to the server's log)."""
+    lines = message.strip().splitlines() or ["unknown error"]
+    first = lines[0]
+    cut = len(first) > REASON_CHARS or len(lines) > 1
+    return first[:REASON_CHARS] + (" [...]" if cut else "")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a run's results left in the database: the job's ``result`` and the log line."""
@@ -83,6 +96,7 @@ class Executor:
         except ValidationError as exc:
             return self._fail(attempt, f"invalid job spec: {exc}")
         except JOB_ERRORS as exc:
+            log.info("job %s failed: %s", job.id, exc)
             return self._fail(attempt, str(exc))
         except Exception as exc:  # a bug or the machine (out of memory, ...): the traceback goes to the server log
             log.exception("job %s failed", job.id)
@@ -151,6 +165,7 @@ class Executor:
         return None
 
     def _fail(self, attempt: Attempt, reason: str) -> str | None:
+        reason = public_reason(reason)
         with transaction(self.ctx.sessions) as session:
             if not jobs.finish(session, attempt.job_id, attempt.owner, "failed", error=reason,
                                progress=attempt.tracker.snapshot()):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -46,15 +45,35 @@ FormatName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_
 Source = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_text)]
 
 
+def _unicode(value: Any) -> None:
+    """Refuse text that cannot be stored or sent back as UTF-8 (a lone surrogate such as ``\\ud800``)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _unicode(item)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields, non-finite numbers and broken Unicode are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        _unicode(value)
+        return value
 
 
 class BudgetsIn(Strict):
     """Any of these limits; none means only the front is computed."""
 
     avg_bits: float | None = Field(None, gt=0, le=32, description="Max average bits per element (weights, and KV caches when included).")
-    bytes: int | None = Field(None, gt=0, description="Max total bytes.")
+    bytes: int | None = Field(None, gt=0, le=2**63 - 1, description="Max total bytes.")
     latency: float | None = Field(None, gt=0, description="Max predicted decode-step latency, seconds.")
     kl: float | None = Field(None, ge=0, description="Max predicted KL from the unquantized model; needs a metric in "
                                                      "KL units (fisher_mse or kl).")
@@ -62,13 +81,6 @@ class BudgetsIn(Strict):
     measured_kl: float | None = Field(None, gt=0, description="Accuracy-target mode: the smallest allocation whose KL, "
                                       "measured on the tuning text (or the job's calibration text), is at most this "
                                       "with 95 % confidence over its windows (bisection over the front). Alone.")
-
-    @field_validator("avg_bits", "latency", "kl", "error", "measured_kl")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     @model_validator(mode="after")
     def _one_error_budget(self) -> BudgetsIn:

@@ -102,16 +102,42 @@ def test_bad_query_path_header_and_json_are_422s(api):
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
 
 
-def test_local_calibration_files_must_lie_inside_the_model_roots(tmp_path):
+@pytest.mark.parametrize("change, loc", [
+    ({"calibration": {"source": "/etc/passwd"}}, ["body", "calibration", "source"]),
+    ({"evaluation": {"source": "/etc/hostname"}}, ["body", "evaluation", "source"]),
+    ({"calibration": {"source": "datasets:/some/dir/outside:train"}}, ["body", "calibration", "source"]),
+    ({"calibration": {"source": "datasets:csv:train"}}, ["body", "calibration", "source"]),
+    ({"evaluation": {"source": "datasets:json:data/*.json:train"}}, ["body", "evaluation", "source"]),
+    ({"model": "/etc"}, ["body", "model"]),
+    ({"model": "../../outside/model.gguf"}, ["body", "model"]),
+], ids=["calibration-file", "evaluation-file", "datasets-path", "datasets-csv-builder", "datasets-glob",
+        "model-path", "model-relative"])
+def test_every_path_a_job_reads_must_lie_inside_the_model_roots(tmp_path, change, loc):
     inside = tmp_path / "models" / "calib.txt"
     settings = Settings(data_dir=tmp_path / "data", worker_threads=0, model_roots=[tmp_path / "models"])
     with running_app(settings) as (client, ctx):
         headers = bearer(ctx)
-        outside = client.post("/v1/jobs", json=job_body(calibration={"source": "/etc/passwd"}), headers=headers)
-        assert outside.status_code == 422
-        assert outside.json()["detail"][0]["loc"] == ["body", "calibration", "source"]
+        outside = client.post("/v1/jobs", json=job_body(**change), headers=headers)
+        assert outside.status_code == 422, outside.text
+        assert outside.json()["detail"][0]["loc"] == loc
+        assert job_count(ctx) == 0
         ok = client.post("/v1/jobs", json=job_body(calibration={"source": str(inside)}), headers=headers)
         assert ok.status_code == 201
+
+
+def test_the_worker_holds_a_stored_job_to_the_policy_it_runs_under(tmp_path):
+    """A job stored before the roots were set (or written to the database directly) still fails
+    in the worker, naming the refusal and nothing of the file."""
+    from bitalloc.pipeline import JobSpec, run_job
+    from bitalloc.pipeline.inputs import InputError
+    from bitalloc.quant.loading import LoadPolicy
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the first line of a private file\n" * 100)
+    spec = JobSpec(model="factory:tiny-llama", formats=["int4_g32"], calibration=str(secret))
+    with pytest.raises(InputError, match="outside the configured model roots") as refused:
+        run_job(spec, profile_dir=tmp_path / "profiles", policy=LoadPolicy(model_roots=(tmp_path / "models",)))
+    assert refused.value.field == "calibration.source" and "private" not in str(refused.value)
 
 
 def test_requests_need_a_live_token(api):
@@ -221,3 +247,55 @@ def test_health_readiness_metrics_and_docs(api):
     paths = client.get("/v1/openapi.json").json()["paths"]
     assert "/v1/jobs/{job_id}/points/{point_id}/config" in paths
     assert client.get("/v1/docs").status_code == 200
+
+
+RAW_BODIES = [
+    ('"budgets": {"avg_bits": NaN}', ["body", "budgets", "avg_bits"]),
+    ('"budgets": {"latency": Infinity}', ["body", "budgets", "latency"]),
+    ('"budgets": {"measured_kl": -Infinity}', ["body", "budgets", "measured_kl"]),
+    ('"model": "zoo:\\ud800"', ["body", "model"]),
+    ('"formats": ["int4_g32", "\\ud800"]', ["body", "formats"]),
+    ('"hardware": "\\udfff"', ["body", "hardware"]),
+    ('"baseline": "uniform:\\ud800"', ["body", "baseline"]),
+    ('"budgets": {"bytes": 9223372036854775808}', ["body", "budgets", "bytes"]),
+]
+
+
+@pytest.mark.parametrize("field, loc", RAW_BODIES, ids=[loc[-1] + str(i) for i, (_, loc) in enumerate(RAW_BODIES)])
+def test_non_finite_numbers_broken_unicode_and_huge_integers_are_422s(api, field, loc):
+    client, ctx, headers = api
+    body = '{"model": "factory:tiny-llama", "formats": ["int4_g32"], ' + field + "}"
+    body = body.replace('"model": "factory:tiny-llama", ', "") if field.startswith('"model"') else body
+    body = body.replace('"formats": ["int4_g32"], ', "") if field.startswith('"formats"') else body
+    response = client.post("/v1/jobs", content=body.encode(), headers={**headers, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert any(e["loc"] == loc for e in response.json()["detail"]), response.json()
+    assert job_count(ctx) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs?offset=9223372036854775808", "/v1/jobs?offset=2147483648",
+                                  "/v1/jobs/{job}/log?after=1e20", "/v1/jobs/{job}/points/2147483648",
+                                  "/v1/jobs/{job}/points/0/config", "/v1/builds/{job}/log?after=99999999999"])
+def test_integers_beyond_what_the_database_holds_are_422s(api, path):
+    client, _, headers = api
+    job = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
+    response = client.get(path.format(job=job), headers=headers)
+    assert response.status_code == 422, response.text
+
+
+def test_a_422_echoes_only_an_excerpt_and_a_large_body_is_a_413(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", worker_threads=0, max_request_bytes=64 * 1024)
+    with running_app(settings) as (client, ctx):
+        headers = bearer(ctx)
+        long_model = "x" * 50_000
+        response = client.post("/v1/jobs", json=job_body(model=long_model), headers=headers)
+        assert response.status_code == 422 and len(response.content) < 2_000
+        (error,) = [e for e in response.json()["detail"] if e["loc"] == ["body", "model"]]
+        assert error["input"] == "x" * 80 + "..."
+        huge = client.post("/v1/jobs", json=job_body(model="y" * 100_000), headers=headers)
+        assert huge.status_code == 413 and len(huge.content) < 200
+        chunks = (b'{"model": "' + b"z" * 10_000 for _ in range(10))  # no Content-Length: counted as it streams
+        streamed = client.post("/v1/jobs", content=chunks, headers={**headers, "Content-Type": "application/json"})
+        assert streamed.status_code == 413
+        assert job_count(ctx) == 0
+        assert client.post("/v1/jobs", json=job_body(), headers=headers).status_code == 201

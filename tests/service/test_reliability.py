@@ -242,3 +242,12 @@ def test_fifty_concurrent_submissions_are_all_stored_and_a_duplicated_key_makes_
     if not ctx.embedded:
         assert ctx.queue.rq.count == 51  # every job reached the queue, the duplicate once
     ctx.close()
+
+
+def test_a_failure_reason_never_carries_more_than_its_first_line():
+    from bitalloc.service.executor import REASON_CHARS, public_reason
+
+    listing = "no files match\n" + "\n".join(f"/srv/data/private-{i}.csv: secret row" for i in range(50))
+    assert public_reason(listing) == "no files match [...]"
+    assert public_reason("x" * 5000) == "x" * REASON_CHARS + " [...]"
+    assert public_reason("budget 1.0 is below the smallest achievable 2.1") == "budget 1.0 is below the smallest achievable 2.1"

@@ -4,15 +4,14 @@ a point's packed artifact in the background (a build, polled at ``/v1/builds/{id
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bitalloc.service import builds, jobs, models
-from bitalloc.service.api.deps import ContextDep, TokenDep
+from bitalloc.service.api.deps import ContextDep, LogOffset, PointId, TokenDep
 from bitalloc.service.api.jobs import enqueue, load_job
 from bitalloc.service.db import transaction
 from bitalloc.service.schemas import ArtifactOut, BuildCreate, BuildOut, LogLine
@@ -67,7 +66,7 @@ def load_build(session: Session, token_id: int, build_id: uuid.UUID) -> models.B
                  404: {"description": "No such job (or point) for this token."},
                  409: {"description": "The job has not succeeded, so it has no points."},
                  503: {"description": "The job queue is unavailable."}})
-def build_point(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: TokenDep, response: Response,
+def build_point(job_id: uuid.UUID, point_id: PointId, ctx: ContextDep, token_id: TokenDep, response: Response,
                 body: BuildCreate | None = None) -> dict:
     """Build the point's packed artifact in the background; poll ``/v1/builds/{id}``, then download
     its ``artifact``. Asking again returns the build that is queued, running or done (a failed or
@@ -100,7 +99,7 @@ def read_build(build_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict
 
 @router.get("/builds/{build_id}/log", response_model=list[LogLine], responses=BUILD_NOT_FOUND)
 def read_build_log(build_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep,
-                   after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0
+                   after: LogOffset = 0
                    ) -> list[models.JobLogRecord]:
     with ctx.sessions() as session:
         load_build(session, token_id, build_id)

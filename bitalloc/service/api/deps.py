@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bitalloc.service.auth import find_token
 from bitalloc.service.context import Context
+
+# Integers a request may carry, bounded by what the database holds (a 32-bit id or count), so
+# an out-of-range number is a 422 and never a database error.
+INT32_MAX = 2**31 - 1
+PointId = Annotated[int, Path(ge=1, le=INT32_MAX, description="A point's id from the job's front.")]
+LogOffset = Annotated[int, Query(ge=0, le=INT32_MAX, description="Skip the first lines (for polling).")]
+ListOffset = Annotated[int, Query(ge=0, le=INT32_MAX, description="Skip the first items.")]
 
 bearer = HTTPBearer(auto_error=False, description="A token from `bitalloc token create --name NAME`.")
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from bitalloc.quant.export import ExportError, ExportName, list_exporters
 from bitalloc.service import models, results
-from bitalloc.service.api.deps import ContextDep, TokenDep
+from bitalloc.service.api.deps import ContextDep, PointId, TokenDep
 from bitalloc.service.db import transaction
 from bitalloc.service.models import AllocationRecord, PointRecord
 from bitalloc.service.schemas import FrontOut, PointDetail
@@ -120,7 +120,7 @@ def read_front(
 
 
 @router.get("/points/{point_id}", response_model=PointDetail, responses=RESPONSES)
-def read_point(job_id: uuid.UUID, point_id: int, ctx: ContextDep, token_id: TokenDep) -> dict:
+def read_point(job_id: uuid.UUID, point_id: PointId, ctx: ContextDep, token_id: TokenDep) -> dict:
     """One point with its allocation (unit -> format)."""
     with ctx.sessions() as session:
         return point_detail(load_point(session, token_id, job_id, point_id)[1])
@@ -157,7 +157,7 @@ def read_chosen(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
 )
 def download_config(
     job_id: uuid.UUID,
-    point_id: int,
+    point_id: PointId,
     ctx: ContextDep,
     token_id: TokenDep,
     format: Annotated[ExportName, Query(description="An export from GET /v1/exports.")] = "json",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -11,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from bitalloc.pipeline.inputs import InputError, check_inputs
 from bitalloc.service import garbage, jobs
-from bitalloc.service.api.deps import ContextDep, TokenDep
+from bitalloc.service.api.deps import ContextDep, ListOffset, LogOffset, TokenDep
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
 from bitalloc.service.models import JobLogRecord, JobRecord
@@ -32,21 +32,14 @@ def load_job(session: Session, token_id: int, job_id: uuid.UUID) -> JobRecord:
     return job
 
 
-def check_sources(body: JobCreate, settings: Settings) -> None:
-    """Calibration and evaluation files must lie inside the model roots when the operator set them
-    (the same rule as local model paths), so a token cannot make the service read any file."""
-    if not settings.model_roots:
-        return
-    roots = [root.resolve() for root in settings.model_roots]
-    for section in ("calibration", "evaluation"):
-        source = getattr(body, section).source
-        if source is None or source.startswith(("zoo:", "datasets:")):
-            continue
-        path = Path(source.partition("#")[0]).expanduser().resolve()
-        if not any(path.is_relative_to(root) for root in roots):
-            raise RequestValidationError([{"type": "value_error", "loc": ("body", section, "source"),
-                                           "msg": "a local file must lie inside the configured model roots",
-                                           "input": source}])
+def check_paths(body: JobCreate, settings: Settings) -> None:
+    """Hold every path the job would read to the operator's policy now (a 422 naming the field),
+    so a token cannot make the service read any file; the worker holds it again."""
+    try:
+        check_inputs(body.to_spec(), settings.load_policy())
+    except InputError as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", *exc.field.split(".")),
+                                       "msg": str(exc), "input": None}]) from exc
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
@@ -67,7 +60,7 @@ def submit_job(
     ] = None,
 ) -> JobRecord:
     """Queue a job. A retried request with the same ``Idempotency-Key`` returns the job it made."""
-    check_sources(body, ctx.settings)
+    check_paths(body, ctx.settings)
     try:
         with transaction(ctx.sessions) as session:
             job, created = jobs.submit(session, token_id, body, ctx.settings, idempotency_key)
@@ -99,7 +92,7 @@ def list_jobs(
     token_id: TokenDep,
     state: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: ListOffset = 0,
 ) -> dict:
     """This token's jobs, newest first."""
     with ctx.sessions() as session:
@@ -125,7 +118,7 @@ def read_log(
     job_id: uuid.UUID,
     ctx: ContextDep,
     token_id: TokenDep,
-    after: Annotated[int, Query(ge=0, description="Skip the first lines (for polling).")] = 0,
+    after: LogOffset = 0,
 ) -> list[JobLogRecord]:
     with ctx.sessions() as session:
         load_job(session, token_id, job_id)
