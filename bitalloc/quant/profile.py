@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,11 @@ from bitalloc.quant.quantizers import Method
 from bitalloc.quant.units import Unit, UnitSet
 
 FORMAT_VERSION = 1
+KEY_VERSION = 2
+"""What a profile key covers. 2: also the windows' prefix (BOS), each cache's sliding window, and
+the latency ``hardware`` (was ``device``). A profile cached under an older key is not found by a
+newer one: it is computed anew, and ``ProfileCache`` says so once."""
+log = logging.getLogger("bitalloc.profile")
 
 
 @dataclass
@@ -121,6 +127,7 @@ def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, form
         "formats": [f.name for f in formats], "units": units.names(), "ties": units.tie_groups,
         "windows": {u.name: u.window for u in units.units if u.window is not None},
         "kv": None if kv is None else asdict(kv), "hardware": hardware, "version": FORMAT_VERSION,
+        "key_version": KEY_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -195,7 +202,31 @@ class ProfileCache:
         path = self.path(key)
         if path.exists():
             return Profile.load(path), True
+        self.say_if_rekeyed()
         profile = build_profile(model, units, formats, metric, calibration, **kwargs)
-        profile.meta["key"] = key
+        profile.meta.update(key=key, key_version=KEY_VERSION)
         profile.save(path)
         return profile, False
+
+    def say_if_rekeyed(self) -> int:
+        """Warn (once per cache folder and process) how many cached profiles an older key made: they
+        are not reused, so a model profiled before is profiled again. Returns their count."""
+        root = self.root.resolve()
+        if root in _REKEY_CHECKED:
+            return 0
+        _REKEY_CHECKED.add(root)
+        older = 0
+        for path in self.root.glob("*.npz"):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    older += json.loads(str(data["header"]))["meta"].get("key_version") != KEY_VERSION
+            except (ValueError, KeyError, OSError):
+                continue
+        if older:
+            log.warning("%d cached profile(s) in %s were keyed by an earlier bitalloc (key version < %d: before "
+                        "the window prefix, sliding windows and the latency hardware were part of the key); they "
+                        "are not reused, so this profile is computed anew", older, self.root, KEY_VERSION)
+        return older
+
+
+_REKEY_CHECKED: set[Path] = set()

@@ -85,3 +85,24 @@ def test_cnn_profiles_through_the_same_path(digits_cnn):
     profile = build_profile(digits_cnn, units, FORMATS[:3], "output_mse", calibration)
     assert profile.error.shape == (4, 3) and np.all(profile.error > 0)
     assert np.all(np.diff(profile.error, axis=1) < 0)
+
+
+def test_profiles_an_older_key_made_are_not_reused_and_the_cache_says_so(tiny_llama, tmp_path, caplog, monkeypatch):
+    from bitalloc.quant import profile as profiles
+    from bitalloc.quant.calibration import calibration_tokens
+    from bitalloc.quant.formats import parse_formats
+    from bitalloc.quant.units import enumerate_units
+
+    units = enumerate_units(tiny_llama.module)
+    calibration = calibration_tokens(tiny_llama.tokenizer, "zoo:calibration", seq_len=16, count=2)
+    cache = profiles.ProfileCache(tmp_path)
+    first, cached = cache.get_or_build(tiny_llama, units, parse_formats("int4_g32,int8_g32"), "output_mse", calibration)
+    assert not cached and first.meta["key_version"] == profiles.KEY_VERSION
+    old = profiles.Profile.load(cache.path(first.meta["key"]))
+    old.meta.pop("key_version")
+    old.save(tmp_path / "made-by-an-older-bitalloc.npz")
+    monkeypatch.setattr(profiles, "_REKEY_CHECKED", set())  # a new process
+    with caplog.at_level("WARNING", logger="bitalloc.profile"):
+        _, cached = cache.get_or_build(tiny_llama, units, parse_formats("int4_g32"), "output_mse", calibration)
+    assert not cached
+    assert "1 cached profile(s)" in caplog.text and "computed anew" in caplog.text
