@@ -9,7 +9,8 @@ persistence, queueing and HTTP around it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitalloc.pipeline.inputs import check_inputs
@@ -36,12 +37,13 @@ class JobResult:
     chosen: Allocation | None
     evaluation: dict | None
     seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "profile": self.profile.meta, "profile_cached": self.profile_cached,
             "front": self.front.to_dict(), "chosen": None if self.chosen is None else self.chosen.to_dict(),
-            "evaluation": self.evaluation, "seconds": self.seconds,
+            "evaluation": self.evaluation, "seconds": self.seconds, "notes": self.notes,
         }
 
 
@@ -54,8 +56,9 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
 
 
 def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),
-            progress: ProgressFn = no_progress) -> JobResult:
-    """Run a job end to end; errors say what is wrong (bad input, infeasible budget, unknown model)."""
+            progress: ProgressFn = no_progress, notify: Callable[[str], None] = lambda message: None) -> JobResult:
+    """Run a job end to end; errors say what is wrong (bad input, infeasible budget, unknown model).
+    ``notify`` hears what the user should know as soon as it is known (a budget that does not bind)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -86,7 +89,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     problem = problem_of(profile, ties=spec.ties)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
-    work = Workspace(spec, model, units, calibration, problem, profile_dir)
+    work = Workspace(spec, model, units, calibration, problem, profile_dir, notify)
     chosen = None
     for step in recipe(spec):
         progress(0, 1, step.name)
@@ -100,7 +103,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         evaluation = evaluate_point(model, chosen, spec, work.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
-    return JobResult(profile, cached, sweep, chosen, evaluation, seconds)
+    return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes)
 
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, hessians: dict | None = None) -> dict:

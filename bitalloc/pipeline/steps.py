@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +33,7 @@ from bitalloc.quant.profile import ProfileCache
 from bitalloc.quant.sensitivity import nncf_scores
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
+from bitalloc.search.feasibility import extreme_allocation
 from bitalloc.search.solvers.refine import staged_schedule
 
 
@@ -52,6 +54,14 @@ class Workspace:
     calibration: CalibrationSet
     problem: Problem
     profile_dir: Path
+    notify: Callable[[str], None]
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        """Tell the user now (the CLI's stderr, the job's log) what they should know about the
+        choice, such as a budget that does not bind, and keep it for the summary."""
+        self.notes.append(message)
+        self.notify(message)
 
     @functools.cached_property
     def hessians(self) -> dict | None:
@@ -99,6 +109,11 @@ class Solve(Step):
         budgets = work.spec.budgets
         if not budgets.given():
             return None
+        best = extreme_allocation(work.problem, "error", "bytes")
+        if budgets.objective() == "error" and not work.problem.violations(best.choice, budgets):
+            work.note(f"the budget ({budgets.describe()}) does not bind: the most accurate allocation of "
+                              f"these formats already fits at {best.avg_bits:.3f} average bits; give a tighter "
+                              "budget or lower-bit formats to trade size for error")
         return solve(work.problem, budgets, solver=work.spec.solver, objective=budgets.objective())
 
 

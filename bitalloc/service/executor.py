@@ -107,7 +107,8 @@ class Executor:
         """Run the pipeline; its front, points and profile are stored with the job's success."""
         settings = self.ctx.settings
         result = run_job(JobCreate.model_validate(job.spec).to_spec(), profile_dir=settings.profile_dir,
-                         policy=settings.load_policy(), progress=attempt.progress)
+                         policy=settings.load_policy(), progress=attempt.progress,
+                         notify=lambda message: attempt.log(message, "warning"))
         profile_path = settings.profile_dir / f"{result.profile.meta['key']}.npz"
 
         def store(session: Session) -> Outcome:

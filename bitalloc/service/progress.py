@@ -1,10 +1,14 @@
 """Progress of ``quant.progress.ProgressFn`` callbacks: a terminal bar (one per phase) for the
-CLI, and the tracker that turns them into a job's stored progress for the service."""
+CLI, plain lines when its output is a file or a pipe, and the tracker that turns them into a
+job's stored progress for the service."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -13,7 +17,11 @@ from bitalloc.quant.progress import ProgressFn
 
 @contextlib.contextmanager
 def progress_bar() -> Iterator[ProgressFn]:
-    """Yield a callback that draws ``phase [####   ] done/total`` on stderr."""
+    """Yield a callback that shows progress on stderr: bars on a terminal, else plain lines
+    (a bar redrawn in a log file or a pipe shows nothing until the end)."""
+    if not sys.stderr.isatty():
+        yield progress_lines(sys.stderr)
+        return
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=False) as bar:
         tasks: dict[str, int] = {}
@@ -24,6 +32,25 @@ def progress_bar() -> Iterator[ProgressFn]:
             bar.update(tasks[phase], completed=done, total=total)
 
         yield report
+
+
+def progress_lines(stream: TextIO, every: float = 5.0, clock: Callable[[], float] = time.monotonic) -> ProgressFn:
+    """A callback that writes ``[  12 s] phase  34 % (120/350), overall 41 %`` lines: when a phase
+    starts, when it completes, and at most every ``every`` seconds in between."""
+    tracker, start = ProgressTracker(), clock()
+    last = {"at": float("-inf")}
+
+    def report(done: int, total: int, phase: str) -> None:
+        started = tracker.update(done, total, phase)
+        now = clock()
+        if not (started or done >= total or now - last["at"] >= every):
+            return
+        last["at"] = now
+        share = f"{100 * done / total:3.0f} % ({done}/{total})" if total > 0 else ""
+        stream.write(f"[{now - start:6.0f} s] {phase:<14} {share}, overall {tracker.percent:.0f} %\n")
+        stream.flush()
+
+    return report
 
 
 # Where each phase of ``run_job`` sits on the 0-100 scale: the profile's metric phases (any

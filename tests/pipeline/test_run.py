@@ -106,3 +106,14 @@ def test_cli_build_and_generate_an_artifact(tmp_path, zoo):
     assert done.exit_code == 0 and done.output.startswith("The nation"), done.output
     done = runner.invoke(app, ["generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"])
     assert done.exit_code == 1 and "error:" in done.output
+
+
+def test_a_budget_that_does_not_bind_is_said_as_soon_as_it_is_known(tmp_path, zoo):
+    heard = []
+    loose = run_job(spec(budgets=Budgets(max_avg_bits=99.0), evaluation=None), profile_dir=tmp_path,
+                    notify=heard.append)
+    assert len(heard) == 1 and "does not bind" in heard[0] and loose.notes == heard
+    assert set(loose.chosen.formats.values()) == {"int8_g32"}  # the most accurate allocation of these formats
+    assert loose.summary()["notes"] == heard
+    tight = run_job(spec(evaluation=None), profile_dir=tmp_path, notify=heard.append)
+    assert tight.notes == [] and len(heard) == 1

@@ -172,3 +172,23 @@ def test_progress_names_the_phase_and_unit_and_never_goes_back():
     assert tracker.percent == 90.0
     tracker.finish()
     assert tracker.snapshot()["percent"] == 100.0
+
+
+def test_progress_in_a_pipe_is_plain_lines_every_few_seconds():
+    import io
+
+    from bitalloc.service.progress import progress_lines
+
+    now = [0.0]
+    out = io.StringIO()
+    report = progress_lines(out, every=5.0, clock=lambda: now[0])
+    report(0, 1, "load")  # a phase starts: a line
+    report(1, 1, "load")  # and completes: a line
+    for done in range(1, 101):  # 100 reports over 20 s: a line every 5 s, and the last
+        now[0] += 0.2
+        report(done, 100, "fisher_mse")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[     0 s] load") and "100 % (1/1)" in lines[1]
+    metric = [line for line in lines if "fisher_mse" in line]
+    assert 4 <= len(metric) <= 6 and metric[-1].startswith("[    20 s] fisher_mse     100 % (100/100)")
+    assert all("overall" in line for line in lines)

@@ -60,7 +60,8 @@ def run(
                        baseline=baseline, descend=descend, refine=refine, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware)
         with progress_bar() as progress:
-            result = run_job(spec, profile_dir=settings.profile_dir, policy=settings.load_policy(), progress=progress)
+            result = run_job(spec, profile_dir=settings.profile_dir, policy=settings.load_policy(), progress=progress,
+                             notify=lambda message: typer.echo(f"note: {message}", err=True))
     except (ModelLoadError, InfeasibleBudget, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     result.profile.save(out / "profile.npz")
