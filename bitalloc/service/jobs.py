@@ -123,14 +123,13 @@ def cancel(session: Session, job: JobRecord) -> JobRecord:
     return job
 
 
-def fail_queued(session: Session, job_id: uuid.UUID, reason: str) -> None:
-    """Fail a job that never reached a worker (the queue refused it)."""
-    session.execute(
-        update(JobRecord)
-        .where(JobRecord.id == job_id, JobRecord.state == "queued")
-        .values(state="failed", error=reason, finished_at=utcnow())
-    )
-    add_log(session, job_id, reason, "error")
+def waiting(session: Session, older_than: datetime, limit: int = 100) -> list[tuple[uuid.UUID, int]]:
+    """Queued jobs made before ``older_than``, oldest first, as ``(job_id, next_attempt)``: the
+    ones whose queue message the reconciler checks."""
+    rows = session.execute(select(JobRecord.id, JobRecord.attempts)
+                           .where(JobRecord.state == "queued", JobRecord.created_at < older_than)
+                           .order_by(JobRecord.created_at).limit(limit))
+    return [(job_id, attempts + 1) for job_id, attempts in rows]
 
 
 def delete(session: Session, job: JobRecord) -> set[str]:

@@ -4,7 +4,10 @@ The database is the record of every job; a queue only carries "job X is ready" t
 ``LocalQueue`` (embedded) wakes the in-process worker threads, which claim queued jobs from
 the database; ``RQQueue`` (scaled out) puts the id on Redis for ``bitalloc worker``. Either
 way a worker claims a job with a compare-and-set on its state, so a message delivered twice
-runs the job once.
+runs the job once. A message can still be lost (the API dies between its commit and the
+enqueue, Redis loses its data, Redis is down at submit): the reaper re-enqueues a queued job
+that no message holds (``pending``) once it has waited a grace period, so every stored job
+eventually runs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class JobQueue(Protocol):
     def check(self) -> None:
         """Raise when the queue cannot take jobs (readiness)."""
 
+    def pending(self, job_id: uuid.UUID, attempt: int) -> bool:
+        """Whether a message for this attempt is waiting for a worker or being run."""
+
 
 class LocalQueue:
     """The embedded queue: the database holds the jobs, this event wakes the workers."""
@@ -35,6 +41,10 @@ class LocalQueue:
 
     def check(self) -> None:
         return None
+
+    def pending(self, job_id: uuid.UUID, attempt: int) -> bool:
+        """Always: the workers poll the database itself, so no message can be lost."""
+        return True
 
 
 class RQQueue:
@@ -51,9 +61,25 @@ class RQQueue:
         self.rq = Queue(name, connection=self.redis)
         self.job_timeout = int(job_timeout) + self.GRACE_SECONDS
 
+    LIVE = ("queued", "started", "deferred", "scheduled")
+
+    @staticmethod
+    def message_id(job_id: uuid.UUID, attempt: int) -> str:
+        return f"bitalloc-{job_id.hex}-{attempt}"
+
     def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
-        self.rq.enqueue(EXECUTE, str(job_id), job_id=f"bitalloc-{job_id.hex}-{attempt}",
+        self.rq.enqueue(EXECUTE, str(job_id), job_id=self.message_id(job_id, attempt),
                         job_timeout=self.job_timeout, result_ttl=3600, failure_ttl=7 * 86400)
 
     def check(self) -> None:
         self.redis.ping()
+
+    def pending(self, job_id: uuid.UUID, attempt: int) -> bool:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            message = Job.fetch(self.message_id(job_id, attempt), connection=self.redis)
+        except NoSuchJobError:
+            return False
+        return message.get_status(refresh=False) in self.LIVE

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a running job renews its lease.")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose lease is this old has lost its worker.")
     reaper_seconds: float = Field(15.0, gt=0, description="How often expired leases and deadlines are checked.")
+    requeue_seconds: float = Field(60.0, ge=0, description="A job queued this long with no queue message holding "
+                                   "it is enqueued again.")
     auto_migrate: bool = Field(True, description="Apply database migrations when the API or a worker starts.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API reads (413 beyond).")
 

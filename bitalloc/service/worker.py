@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 from bitalloc.service.context import Context
 from bitalloc.service.executor import Executor
@@ -81,8 +83,16 @@ def execute(job_id: str) -> str | None:
     return Executor(process_context()).run(uuid.UUID(job_id))
 
 
+RECONNECT_SECONDS = (0.5, 30.0)
+"""The first and the longest wait between attempts to reach Redis again."""
+
+
 def run_rq_worker(ctx: Context, burst: bool = False) -> None:
-    """``bitalloc worker``: take jobs from the RQ queue (one work horse per job), reaping lost jobs meanwhile."""
+    """``bitalloc worker``: take jobs from the RQ queue (one work horse per job), reaping lost jobs
+    meanwhile. A Redis outage does not end it: it waits (doubling the wait up to 30 s) until
+    Redis answers again, then goes on; the reaper re-enqueues what the outage lost."""
+    from redis.exceptions import ConnectionError as RedisDown
+    from redis.exceptions import TimeoutError as RedisTimeout
     from rq import Worker
 
     from bitalloc.service.queue import RQQueue
@@ -92,6 +102,26 @@ def run_rq_worker(ctx: Context, burst: bool = False) -> None:
     reaper = Reaper(ctx)
     reaper.start()
     try:
-        Worker([ctx.queue.rq], connection=ctx.queue.redis).work(burst=burst, logging_level="INFO")
+        while True:
+            try:
+                Worker([ctx.queue.rq], connection=ctx.queue.redis).work(burst=burst, logging_level="INFO")
+                return
+            except (RedisDown, RedisTimeout) as exc:
+                log.warning("lost Redis (%s): reconnecting", exc)
+                wait_for_redis(ctx.queue.redis.ping, (RedisDown, RedisTimeout))
     finally:
         reaper.stop()
+
+
+def wait_for_redis(ping: Callable[[], object], outage: tuple[type[Exception], ...],
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+    """Call ``ping`` until it answers, waiting longer each time (``RECONNECT_SECONDS``)."""
+    wait, longest = RECONNECT_SECONDS
+    while True:
+        sleep(wait)
+        try:
+            ping()
+            log.info("Redis answers again")
+            return
+        except outage:
+            wait = min(2 * wait, longest)

@@ -178,17 +178,26 @@ def test_a_retried_submission_with_the_same_key_returns_the_same_job(api):
     assert other_token.json()["id"] != first.json()["id"] and job_count(ctx) == 2
 
 
-def test_a_queue_that_refuses_the_job_is_a_503_and_the_job_fails_with_the_reason(api, monkeypatch):
+def test_a_queue_that_refuses_the_job_is_a_503_and_the_job_stays_queued_for_a_retry(api, monkeypatch):
     client, ctx, headers = api
+    sent = []
 
     def refuse(job_id, attempt):
         raise ConnectionError("redis is down")
 
     monkeypatch.setattr(ctx.queue, "enqueue", refuse)
-    response = client.post("/v1/jobs", json=job_body(), headers=headers)
+    key = {"Idempotency-Key": "once"}
+    response = client.post("/v1/jobs", json=job_body(), headers={**headers, **key})
     assert response.status_code == 503 and "redis is down" in response.json()["detail"]
     (job,) = client.get("/v1/jobs", headers=headers).json()["items"]
-    assert job["state"] == "failed" and job["error"] == "could not enqueue: redis is down"
+    assert job["state"] == "queued" and job["id"] in response.json()["detail"]
+    log = [line["message"] for line in client.get(f"/v1/jobs/{job['id']}/log", headers=headers).json()]
+    assert any(m.startswith("could not enqueue: redis is down") for m in log)
+    monkeypatch.setattr(ctx.queue, "enqueue", lambda job_id, attempt: sent.append((str(job_id), attempt)))
+    monkeypatch.setattr(ctx.queue, "pending", lambda job_id, attempt: bool(sent))  # a queue of messages, like RQ
+    retry = client.post("/v1/jobs", json=job_body(), headers={**headers, **key})  # the queue is back
+    assert retry.status_code == 201 and retry.json()["id"] == job["id"] and retry.headers["Idempotent-Replayed"]
+    assert sent == [(job["id"], 1)] and job_count(ctx) == 1
 
 
 def test_cancel_a_queued_job_then_delete_it(api):

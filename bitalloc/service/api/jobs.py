@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Annotated, Literal
 
@@ -70,20 +71,36 @@ def submit_job(
         ) from exc
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
+        resend(ctx, job)
         return job
     enqueue(ctx, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
 
+def resend(ctx: Context, job: JobRecord) -> None:
+    """A replayed submission of a job still queued with no message (its first enqueue failed):
+    send it now, not only at the reaper's next pass. Best effort: the reaper remains the guarantee."""
+    if job.state != "queued":
+        return
+    with contextlib.suppress(Exception):
+        if not ctx.queue.pending(job.id, job.attempts + 1):
+            ctx.queue.enqueue(job.id, job.attempts + 1)
+
+
 def enqueue(ctx: Context, job_id: uuid.UUID) -> None:
-    """Put a stored job on the queue; if the queue refuses, fail the job (never left queued) and answer 503."""
+    """Put a stored job on the queue. If the queue refuses, the job stays queued (the reaper sends
+    it once the queue is back) and the answer is a 503 saying so: a retry with the same
+    ``Idempotency-Key`` finds the job instead of making another."""
     try:
         ctx.queue.enqueue(job_id, 1)
     except Exception as exc:
         with transaction(ctx.sessions) as session:
-            jobs.fail_queued(session, job_id, f"could not enqueue: {exc}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the job queue is unavailable: {exc}") from exc
+            jobs.add_log(session, job_id, f"could not enqueue: {exc}; it is sent again when the queue is back",
+                         "warning")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"the job queue is unavailable ({exc}); job {job_id} is stored and runs once the "
+                            "queue is back") from exc
 
 
 @router.get("", response_model=JobList)
