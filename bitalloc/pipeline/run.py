@@ -23,7 +23,7 @@ from bitalloc.quant.formats import parse_formats
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, load_model
 from bitalloc.quant.profile import Profile, ProfileCache
 from bitalloc.quant.progress import ProgressFn, no_progress
-from bitalloc.quant.units import enumerate_units
+from bitalloc.quant.units import UnitSet, enumerate_units
 from bitalloc.search import Allocation, Front, front
 
 EXACT_SOLVERS = ("dp", "ilp")
@@ -100,15 +100,17 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     evaluation = None
     if chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
-        evaluation = evaluate_point(model, chosen, spec, work.hessians)
+        evaluation = evaluate_point(model, chosen, spec, units, work.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
     return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes)
 
 
-def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, hessians: dict | None = None) -> dict:
-    """Held-out perplexity, KL and top-1 agreement of one allocation (GPTQ needs the Hessians)."""
+def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, units: UnitSet,
+                   hessians: dict | None = None) -> dict:
+    """Held-out perplexity, KL and top-1 agreement of one allocation (GPTQ needs the Hessians),
+    with its bytes and average bits as the evaluated model holds them."""
     windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows,
                                 bos=spec.bos)
-    result = Evaluator(model, windows).evaluate(allocation.formats, method=spec.method, hessians=hessians)
+    result = Evaluator(model, windows).evaluate(allocation.formats, method=spec.method, hessians=hessians, units=units)
     return {"windows": windows.describe(), **result.to_dict()}

@@ -25,6 +25,8 @@ def test_run_job_matches_search_on_the_stored_profile(tmp_path, zoo):
     assert result.chosen.formats == direct.formats and result.chosen.avg_bits <= 5.0
     assert len(result.front) >= 2
     assert result.evaluation["kl"] > 0 and result.evaluation["tokens"] == 2 * 31
+    assert result.evaluation["bytes"] == result.chosen.bytes  # the summary's size is known, never null
+    assert result.evaluation["avg_bits"] == pytest.approx(result.chosen.avg_bits)
     again = run_job(spec(), profile_dir=tmp_path)
     assert again.profile_cached and again.chosen.formats == result.chosen.formats
 
