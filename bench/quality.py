@@ -50,13 +50,14 @@ from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
 from bitalloc.quant.costs import LatencyModel
 from bitalloc.quant.evaluate import Evaluator, MeasuredKL, QuantizedWeights
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.loading import LoadedModel, load_model
 from bitalloc.quant.metrics import METRICS
 from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.metrics.hessian_trace import hutchinson_traces, trace_errors
 from bitalloc.quant.metrics.kv_kl import kv_errors
-from bitalloc.quant.profile import KVOptions, Profile, cost_tables, model_fingerprint, profile_key
+from bitalloc.quant.profile import Profile, cost_tables, model_fingerprint, profile_key
 from bitalloc.quant.sensitivity import nncf_scores
 from bitalloc.quant.units import UnitSet, enumerate_units
 from bitalloc.search import Allocation, Budgets, Problem, baselines, get_solver, smallest_within, solve

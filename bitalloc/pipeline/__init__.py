@@ -11,8 +11,21 @@ It sits between ``service`` (HTTP, database, queue, workers, CLI) and the librar
 * ``run``: ``run_job``, the whole job.
 """
 
-from bitalloc.pipeline.problem import problem_of
-from bitalloc.pipeline.run import JobResult, evaluate_point, run_job
+from importlib import import_module
+
 from bitalloc.pipeline.spec import JobSpec
 
+# Imported on first use: the models' and solvers' libraries take seconds, which building and
+# checking a spec (the CLI refusing a bad argument) should not pay.
+_LAZY = {"JobResult": "bitalloc.pipeline.run", "evaluate_point": "bitalloc.pipeline.run",
+         "run_job": "bitalloc.pipeline.run", "problem_of": "bitalloc.pipeline.problem"}
+
 __all__ = ["JobResult", "JobSpec", "evaluate_point", "problem_of", "run_job"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bitalloc.pipeline' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.quantizers import Method
 from bitalloc.search import Budgets
 

@@ -11,9 +11,18 @@ per token; a per-channel value format keeps one scale per token and head.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from bitalloc.quant.formats import SCALE_BYTES, Format, IntFormat
 from bitalloc.quant.units import Unit
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """Include the KV caches as units, costed at ``context`` tokens for ``batch`` sequences."""
+
+    context: int = 4096
+    batch: int = 1
 
 
 def kv_bytes_per_token(unit: Unit, fmt: Format) -> float:

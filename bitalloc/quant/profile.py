@@ -24,6 +24,7 @@ import torch
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.costs import LatencyModel, unit_bytes
 from bitalloc.quant.formats import Format
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
@@ -100,14 +101,6 @@ class Profile:
             raise ValueError(f"{path}: profile format version {header.get('version')} is not {FORMAT_VERSION}")
         units = [Unit(**{**u, "shape": tuple(u["shape"])}) for u in header["units"]]
         return cls(units, header["formats"], tie_groups=header["tie_groups"], meta=header["meta"], **arrays)
-
-
-@dataclass(frozen=True)
-class KVOptions:
-    """Include the KV caches as units, costed at ``context`` tokens for ``batch`` sequences."""
-
-    context: int = 4096
-    batch: int = 1
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

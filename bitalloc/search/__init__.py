@@ -15,13 +15,24 @@ from bitalloc.search.front import Front
 from bitalloc.search.measure import Measure
 from bitalloc.search.pareto import hypervolume, non_dominated
 from bitalloc.search.problem import Problem
-from bitalloc.search.registry import SOLVERS, front, get_solver, register, solve
+from bitalloc.search.registry import SOLVERS, available, front, get_solver, register, solve
 from bitalloc.search.solver import Solver
-from bitalloc.search.solvers.refine import refine_front
-from bitalloc.search.target import smallest_within
+
+# Imported on first use, with the solvers and SciPy behind them (see ``registry.available``).
+_LAZY = {"refine_front": "bitalloc.search.solvers.refine", "smallest_within": "bitalloc.search.target"}
 
 __all__ = [
     "Allocation", "Budgets", "Front", "InfeasibleBudget", "Metric", "Problem",
-    "Measure", "SOLVERS", "SearchError", "Solver", "front", "get_solver", "hypervolume",
+    "Measure", "SOLVERS", "SearchError", "Solver", "available", "front", "get_solver", "hypervolume",
     "non_dominated", "refine_front", "register", "smallest_within", "solve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bitalloc.search' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from importlib import import_module
 from typing import Any, TypeVar
 
 from bitalloc.search.allocation import Allocation
@@ -28,9 +29,17 @@ def register(cls: S) -> S:
     return cls
 
 
+def available() -> dict[str, type[Solver]]:
+    """Every registered solver by name. The built-in ones are imported on first use: OR-Tools,
+    pymoo, Optuna and SciPy take a second to import, which a command that solves nothing (or
+    refuses a bad argument) should not pay."""
+    import_module("bitalloc.search.solvers")
+    return SOLVERS
+
+
 def get_solver(name: str, **options: Any) -> Solver:
     """A configured solver; ``options`` are its constructor's arguments."""
-    if name not in SOLVERS:
+    if name not in available():
         raise ValueError(f"solver: unknown solver {name!r}; available: {', '.join(sorted(SOLVERS))}")
     signature = inspect.signature(SOLVERS[name])
     try:

@@ -19,14 +19,14 @@ from bitalloc.pipeline.baselines import BASELINE_SPECS, BaselineRequest
 from bitalloc.pipeline.spec import KL_METRICS, JobSpec, check_target
 from bitalloc.quant.costs import BANDWIDTH, LatencyModel
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.metrics import METRICS
-from bitalloc.quant.profile import KVOptions
-from bitalloc.search import SOLVERS, Budgets
+from bitalloc.search import Budgets, available
 
 
 def _solvers() -> list[str]:
     """Solvers a job can name: those that need no options (``refine`` and ``descent`` need a measuring evaluator)."""
-    return sorted(name for name, cls in SOLVERS.items()
+    return sorted(name for name, cls in available().items()
                   if all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
                          for p in list(inspect.signature(cls.__init__).parameters.values())[1:]))
 

@@ -119,3 +119,26 @@ def test_a_budget_that_does_not_bind_is_said_as_soon_as_it_is_known(tmp_path, zo
     assert loose.summary()["notes"] == heard
     tight = run_job(spec(evaluation=None), profile_dir=tmp_path, notify=heard.append)
     assert tight.notes == [] and len(heard) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--formats", "int7_g128", "--avg-bits", "5"], "integer widths are"),
+    (["--formats", "int4_g128", "--avg-bits", "4", "--measured-kl", "0.1"], "give it alone"),
+])
+def test_the_cli_refuses_bad_arguments_before_importing_the_models_libraries(args, message, tmp_path):
+    """Run as a user runs it (a fresh process): the refusal comes before transformers, the solvers
+    and the pipeline are imported, which is what makes it fast."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys\nfrom bitalloc.service.cli import app\n"
+             "try:\n    app(sys.argv[1:])\nexcept SystemExit as stop:\n"
+             "    heavy = [m for m in ('transformers', 'ortools', 'optuna', 'scipy.stats', 'bitalloc.pipeline.run') if m in sys.modules]\n"
+             "    print('HEAVY', heavy)\n    raise\n")
+    script = tmp_path / "probe.py"
+    script.write_text(probe)
+    out = subprocess.run([sys.executable, str(script), "run", "--model", "zoo:llm", *args, "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=Path(tmp_path))
+    assert out.returncode == 1 and message in out.stderr
+    assert "HEAVY []" in out.stdout

@@ -17,7 +17,8 @@ from bitalloc.quant.export import (
     list_exporters,
 )
 from bitalloc.quant.formats import get_format
-from bitalloc.quant.profile import KVOptions, Profile, cost_tables
+from bitalloc.quant.kv import KVOptions
+from bitalloc.quant.profile import Profile, cost_tables
 from bitalloc.quant.units import Unit
 
 UNITS = [Unit("model.layers.0.self_attn.q_proj", "weight", (64, 128), 0),

@@ -16,7 +16,7 @@ from export_helpers import tied_allocation
 from bitalloc.quant.export import ExportError, export_allocation
 from bitalloc.quant.export.compressed_tensors import weight_args
 from bitalloc.quant.formats import get_format
-from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.units import Unit
 
 VLLM_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}

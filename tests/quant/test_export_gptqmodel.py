@@ -10,7 +10,7 @@ from export_helpers import tied_allocation
 
 from bitalloc.quant.export import ExportError, export_allocation
 from bitalloc.quant.formats import get_format
-from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.units import Unit
 
 

@@ -13,7 +13,7 @@ import pytest
 from bitalloc.quant.export import ExportError, export_allocation
 from bitalloc.quant.export.llama_cpp import ggml_type_for
 from bitalloc.quant.formats import get_format
-from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.units import Unit
 
 T = gguf.GGMLQuantizationType

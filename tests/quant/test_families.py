@@ -20,8 +20,8 @@ from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens, se
 from bitalloc.quant.costs import unit_bytes
 from bitalloc.quant.export import export_allocation
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.loading import load_model
-from bitalloc.quant.profile import KVOptions
 from bitalloc.quant.units import enumerate_units
 from bitalloc.search import Budgets
 

@@ -8,8 +8,9 @@ from transformers import DynamicCache
 from bitalloc.quant.calibration import calibration_tokens
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.kv_sim import SimulatedKVCache, fake_quantize_keys, fake_quantize_values, kv_applied, kv_plan
-from bitalloc.quant.profile import KVOptions, build_profile
+from bitalloc.quant.profile import build_profile
 from bitalloc.quant.units import enumerate_units
 
 INT4 = get_format("int4_g32_asym")

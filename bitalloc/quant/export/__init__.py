@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from bitalloc.quant.export import bitalloc_json, compressed_tensors, gptqmodel, llama_cpp
 from bitalloc.quant.export.base import Export, Exporter, ExportError, ExportRequest, make_request
-from bitalloc.quant.profile import KVOptions, Profile
+from bitalloc.quant.kv import KVOptions
+from bitalloc.quant.profile import Profile
 from bitalloc.quant.units import Unit
 
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in (bitalloc_json.EXPORTER, compressed_tensors.EXPORTER,

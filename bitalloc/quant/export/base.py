@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitalloc.quant.formats import Format, get_format
-from bitalloc.quant.profile import KVOptions
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.units import Unit
 
 

@@ -43,11 +43,12 @@ def run(
     out: Path = typer.Option(Path("bitalloc-run"), help="Output folder: profile.npz, front.json, allocation.json, summary.json."),
 ) -> None:
     """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
-    from bitalloc.pipeline.run import run_job
+    from bitalloc.pipeline.inputs import check_inputs
     from bitalloc.pipeline.spec import JobSpec
+    from bitalloc.quant.formats import parse_formats
+    from bitalloc.quant.kv import KVOptions
     from bitalloc.quant.loading import ModelLoadError
-    from bitalloc.quant.profile import KVOptions
-    from bitalloc.search import InfeasibleBudget
+    from bitalloc.search.errors import InfeasibleBudget
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
 
@@ -59,6 +60,11 @@ def run(
                        calibration=calibration, samples=samples, seq_len=seq_len, bos=bos, eval_windows=eval_windows,
                        baseline=baseline, descend=descend, refine=refine, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware)
+        # What can be refused without the model is refused before the seconds of importing the rest.
+        parse_formats(spec.formats)
+        check_inputs(spec, settings.load_policy())
+        from bitalloc.pipeline.run import run_job
+
         with progress_bar() as progress:
             result = run_job(spec, profile_dir=settings.profile_dir, policy=settings.load_policy(), progress=progress,
                              notify=lambda message: typer.echo(f"note: {message}", err=True))
@@ -115,8 +121,9 @@ def profile(
     """Measure every unit x format cell of a model and write the profile."""
     from bitalloc.quant.calibration import calibration_for
     from bitalloc.quant.formats import parse_formats
+    from bitalloc.quant.kv import KVOptions
     from bitalloc.quant.loading import ModelLoadError, load_model
-    from bitalloc.quant.profile import KVOptions, ProfileCache
+    from bitalloc.quant.profile import ProfileCache
     from bitalloc.quant.units import enumerate_units
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
