@@ -8,6 +8,9 @@ with no worker threads, so submitted jobs stay queued and the numbers are the AP
 database's alone (with --redis-url, submissions also enqueue on RQ). Every scenario sends a
 fixed number of requests from a fixed number of client threads, then everything is removed.
 
+Front reads also run with ``--many-clients`` (50) threads, plain and revalidating with the
+front's ETag (a 304 with no body).
+
     python -m bench.api_load [--database-url URL] [--redis-url URL] [--requests 400] [--concurrency 8]
 
 Prints a table and writes bench/results/api_load.json.
@@ -104,6 +107,7 @@ def main() -> None:
                         help="also enqueue submissions on RQ; default $BITALLOC_TEST_REDIS_URL")
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads")
+    parser.add_argument("--many-clients", type=int, default=50, help="client threads of the front-read runs under load")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "api_load.json")
     args = parser.parse_args()
     if not args.database_url or not args.database_url.startswith("postgresql"):
@@ -144,24 +148,31 @@ def main() -> None:
             time.sleep(0.2)
 
         headers = {"Authorization": f"Bearer {secret}"}
-        scenarios = {
-            "health (no database)": ("GET", "/v1/health", None),
-            f"read front ({points} points)": ("GET", f"/v1/jobs/{job_id}/front", None),
-            "download config (json)": ("GET", f"/v1/jobs/{job_id}/points/{chosen}/config?format=json", None),
-            "submit job": ("POST", "/v1/jobs", JOB),
+        front = f"/v1/jobs/{job_id}/front"
+        etag = httpx.get(f"{base_url}{front}", headers=headers).headers["ETag"]
+        many = args.many_clients
+        scenarios = {  # name: (method, path, body, extra headers, client threads)
+            "health (no database)": ("GET", "/v1/health", None, {}, args.concurrency),
+            f"read front ({points} points)": ("GET", front, None, {}, args.concurrency),
+            f"read front, {many} clients": ("GET", front, None, {}, many),
+            f"revalidate front (304), {many} clients": ("GET", front, None, {"If-None-Match": etag}, many),
+            "download config (json)": ("GET", f"/v1/jobs/{job_id}/points/{chosen}/config?format=json", None, {},
+                                       args.concurrency),
+            "submit job": ("POST", "/v1/jobs", JOB, {}, args.concurrency),
         }
         rows = {}
-        print(f"\n{'scenario':<26} {'requests':>8} {'threads':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-        for name, (method, path, body) in scenarios.items():
-            row = measure(base_url, headers, method, path, body, args.requests, args.concurrency)
+        print(f"\n{'scenario':<34} {'requests':>8} {'threads':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+        for name, (method, path, body, extra, threads) in scenarios.items():
+            row = measure(base_url, {**headers, **extra}, method, path, body, args.requests, threads)
             rows[name] = row
-            print(f"{name:<26} {row['requests']:>8} {row['concurrency']:>7} {row['rps']:>8.1f} {row['p50_ms']:>8.2f} "
+            print(f"{name:<34} {row['requests']:>8} {row['concurrency']:>7} {row['rps']:>8.1f} {row['p50_ms']:>8.2f} "
                   f"{row['p99_ms']:>8.2f} {row['errors']:>6}")
         results = {
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
             "setup": {"server": "bitalloc serve (1 uvicorn process, loopback)", "database": "postgresql",
                       "queue": "rq on redis" if args.redis_url else "none (jobs stay queued)",
-                      "client": f"{args.concurrency} httpx threads in one process on the same machine"},
+                      "client": f"{args.concurrency} httpx threads ({args.many_clients} where the scenario says so) in "
+                                "one process on the same machine, each request after the last one answered"},
             "scenarios": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

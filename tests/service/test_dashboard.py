@@ -173,6 +173,15 @@ def test_the_dashboard_in_a_browser(server, browser, tmp_path):
     assert len(driver.find_elements(By.CSS_SELECTOR, "circle.pt")) == len(points)
     baselines = client.get(f"/v1/jobs/{job_id}/baselines").json()["points"]
     assert len(driver.find_elements(By.CSS_SELECTOR, "svg.front-chart path.baseline")) == len(baselines) > 0
+    labels = driver.execute_script(
+        "return [...document.querySelectorAll('svg.front-chart text.baseline-label')].map((t) => {"
+        " const b = t.getBBox(); return {text: t.textContent, x: b.x, y: b.y, w: b.width, h: b.height}; });")
+    named = [name for label in labels for name in label["text"].split(" = ")]
+    assert sorted(named) == sorted(b["name"].removeprefix("uniform ") for b in baselines)  # each named once
+    for i, a in enumerate(labels):  # and no two labels overprint
+        for b in labels[i + 1:]:
+            assert not (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and
+                        a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]), (a, b)
 
     select_point(driver, first)
     assert heatmap_cells(driver) == detail["formats"]

@@ -69,3 +69,32 @@ def test_each_format_downloads_as_an_artifact_or_is_refused_with_a_422_naming_th
         assert config(smallest, "llama.cpp").status_code == 200
         assert len(client.get(f"/v1/jobs/{job_id}/artifacts", headers=headers).json()) == len(artifacts) + 1
         assert tuple(config(largest, "onnx").json()["detail"][0]["loc"]) == ("query", "format")
+
+
+@pytest.mark.slow
+def test_a_stored_front_and_what_it_names_are_immutable_and_revalidate_with_304s(embedded_settings, zoo):
+    from bitalloc.service.api import immutable
+
+    with running_app(embedded_settings) as (client, ctx):
+        headers, stranger = bearer(ctx), bearer(ctx, "stranger")
+        job_id = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
+        assert wait_until_finished(client, headers, job_id)["state"] == "succeeded"
+        front = client.get(f"/v1/jobs/{job_id}/front", headers=headers)
+        point = front.json()["points"][0]["id"]
+        paths = [f"/v1/jobs/{job_id}/front", f"/v1/jobs/{job_id}/front?all_points=true",
+                 f"/v1/jobs/{job_id}/points/{point}", f"/v1/jobs/{job_id}/units", f"/v1/jobs/{job_id}/baselines",
+                 f"/v1/jobs/{job_id}/points/{point}/config?format=json"]
+        etags = set()
+        for path in paths:
+            first = client.get(path, headers=headers)
+            etag = first.headers["ETag"]
+            etags.add(etag)
+            assert first.status_code == 200 and first.headers["Cache-Control"] == "private, no-cache"
+            immutable.BODIES._bodies.clear()  # rendered afresh, it is the same bytes
+            assert client.get(path, headers=headers).content == first.content
+            again = client.get(path, headers={**headers, "If-None-Match": f'"stale", {etag}'})
+            assert again.status_code == 304 and again.content == b"" and again.headers["ETag"] == etag
+            assert client.get(path, headers={**headers, "If-None-Match": '"stale"'}).status_code == 200
+            # A cached body never reaches another token, even one that knows the ETag.
+            assert client.get(path, headers={**stranger, "If-None-Match": etag}).status_code == 404
+        assert len(etags) == len(paths)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bitalloc.quant.export import ExportError, ExportName, list_exporters
 from bitalloc.service import models, results
 from bitalloc.service.api.deps import ContextDep, PointId, TokenDep
+from bitalloc.service.api.immutable import etag_of, immutable
 from bitalloc.service.db import transaction
 from bitalloc.service.models import AllocationRecord, PointRecord
 from bitalloc.service.schemas import FrontOut, PointDetail
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["fronts"])
 
+NOT_MODIFIED = {304: {"description": "The client's copy (its ETag in If-None-Match) is current."}}
 RESPONSES = {404: {"description": "No such job (or point) for this token."},
              409: {"description": "The job has not succeeded, so it has no front."}}
 # What a point shows without its unit -> format map (the front lists many points; the map is per point).
@@ -80,50 +82,52 @@ def point_detail(point: PointRecord) -> dict:
     }
 
 
-@router.get("/front", response_model=FrontOut, responses=RESPONSES)
+@router.get("/front", response_model=FrontOut, responses={**RESPONSES, **NOT_MODIFIED})
 def read_front(
     job_id: uuid.UUID,
+    request: Request,
     ctx: ContextDep,
     token_id: TokenDep,
     all_points: Annotated[bool, Query(description="Include a chosen point that is not on the front.")] = False,
-) -> dict:
-    """The error/size front, smallest first; each point's id downloads its configuration."""
+) -> Response:
+    """The error/size front, smallest first; each point's id downloads its configuration. Immutable
+    once stored: send its ``ETag`` back in ``If-None-Match`` for a 304."""
     with ctx.sessions() as session:
         job, front, profile = load_front(session, token_id, job_id)
-        rows = (
-            session.execute(
-                select(*POINT_COLUMNS)
-                .join(AllocationRecord, PointRecord.allocation_id == AllocationRecord.id)
-                .where(PointRecord.front_id == front.id)
-                .order_by(PointRecord.rank)
-            )
-            .mappings()
-            .all()
-        )
-    return {
-        "job_id": job.id,
-        "axes": front.axes,
-        "solver": front.solver,
-        "profile": {
-            "key": profile.key,
-            "sha256": profile.sha256,
-            "model": profile.model,
-            "metric": profile.metric,
-            "method": profile.method,
-            "units": profile.units,
-            "formats": profile.formats,
-            "latency_source": profile.meta.get("latency_source"),
-        },
-        "chosen_point_id": next((row["id"] for row in rows if row["chosen"]), None),
-        "points": [dict(row) for row in rows if row["on_front"] or all_points],
-    }
+
+    def render() -> bytes:
+        with ctx.sessions() as session:
+            rows = session.execute(select(*POINT_COLUMNS)
+                                   .join(AllocationRecord, PointRecord.allocation_id == AllocationRecord.id)
+                                   .where(PointRecord.front_id == front.id).order_by(PointRecord.rank)).mappings().all()
+        return FrontOut.model_validate({
+            "job_id": job.id,
+            "axes": front.axes,
+            "solver": front.solver,
+            "profile": {
+                "key": profile.key,
+                "sha256": profile.sha256,
+                "model": profile.model,
+                "metric": profile.metric,
+                "method": profile.method,
+                "units": profile.units,
+                "formats": profile.formats,
+                "latency_source": profile.meta.get("latency_source"),
+            },
+            "chosen_point_id": next((row["id"] for row in rows if row["chosen"]), None),
+            "points": [dict(row) for row in rows if row["on_front"] or all_points],
+        }).model_dump_json().encode()
+
+    return immutable(request, etag_of("front", job.id, front.id, all_points), render)
 
 
-@router.get("/points/{point_id}", response_model=PointDetail, responses=RESPONSES)
-def read_point(job_id: uuid.UUID, point_id: PointId, ctx: ContextDep, token_id: TokenDep) -> dict:
-    """One point with its allocation (unit -> format)."""
+@router.get("/points/{point_id}", response_model=PointDetail, responses={**RESPONSES, **NOT_MODIFIED})
+def read_point(job_id: uuid.UUID, point_id: PointId, request: Request, ctx: ContextDep, token_id: TokenDep) -> Response:
+    """One point with its allocation (unit -> format); immutable once stored, like the front."""
     with ctx.sessions() as session:
-        return point_detail(load_point(session, token_id, job_id, point_id)[1])
+        job, point, _ = load_point(session, token_id, job_id, point_id)
+        detail = PointDetail.model_validate(point_detail(point)).model_dump_json().encode()
+    return immutable(request, etag_of("point", job.id, point.id), lambda: detail)
 
 
 @router.get(
@@ -151,6 +155,7 @@ def read_chosen(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
             "content": {e["media_type"]: {} for e in list_exporters()},
             "description": "The configuration file (Content-Disposition names it; X-Content-SHA256 is its sha256).",
         },
+        **NOT_MODIFIED,
         410: {"description": "The job's profile is no longer in storage."},
         422: {"description": "The format cannot express this allocation; `detail` names each unit and why."},
     },
@@ -158,6 +163,7 @@ def read_chosen(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
 def download_config(
     job_id: uuid.UUID,
     point_id: PointId,
+    request: Request,
     ctx: ContextDep,
     token_id: TokenDep,
     format: Annotated[ExportName, Query(description="An export from GET /v1/exports.")] = "json",
@@ -176,4 +182,4 @@ def download_config(
         "X-Content-SHA256": artifact.sha256,
         "X-Artifact-Id": str(artifact.id),
     }
-    return Response(exported.data, media_type=exported.media_type, headers=headers)
+    return immutable(request, f'"{artifact.sha256}"', lambda: exported.data, exported.media_type, headers)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import uuid
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from bitalloc.pipeline.baselines import baseline_points
 from bitalloc.quant.profile import Profile
 from bitalloc.service.api.deps import ContextDep, TokenDep
-from bitalloc.service.api.fronts import RESPONSES, load_front
+from bitalloc.service.api.fronts import NOT_MODIFIED, RESPONSES, load_front
+from bitalloc.service.api.immutable import etag_of, immutable
 from bitalloc.service.context import Context
 from bitalloc.service.dashboard.layout import format_bits, unit_rows
 from bitalloc.service.schemas import BaselinesOut, UnitsOut
@@ -30,24 +31,39 @@ def _load(path: str) -> Profile:
     return Profile.load(path)
 
 
-def job_profile(ctx: Context, token_id: int, job_id: uuid.UUID) -> Profile:
+def profile_sha256(ctx: Context, token_id: int, job_id: uuid.UUID) -> str:
+    """The sha256 of the token's job's stored profile (404/409 as for the front)."""
     with ctx.sessions() as session:
-        _, _, profile = load_front(session, token_id, job_id)
-        sha256 = profile.sha256
+        return load_front(session, token_id, job_id)[2].sha256
+
+
+def stored_profile(ctx: Context, sha256: str) -> Profile:
     try:
         return _load(str(ctx.storage.path(sha256)))
     except FileNotFoundError as exc:
         raise HTTPException(status.HTTP_410_GONE, "the job's profile is no longer in storage") from exc
 
 
-@router.get("/units", response_model=UnitsOut, responses={**RESPONSES, **GONE})
-def read_units(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
+@router.get("/units", response_model=UnitsOut, responses={**RESPONSES, **GONE, **NOT_MODIFIED})
+def read_units(job_id: uuid.UUID, request: Request, ctx: ContextDep, token_id: TokenDep) -> Response:
     """The job's units with their heatmap place (block, column), and each format's bits per weight."""
-    profile = job_profile(ctx, token_id, job_id)
-    return {"units": unit_rows(profile), "formats": format_bits(profile)}
+    sha256 = profile_sha256(ctx, token_id, job_id)
+
+    def render() -> bytes:
+        profile = stored_profile(ctx, sha256)
+        return UnitsOut.model_validate({"units": unit_rows(profile), "formats": format_bits(profile)}) \
+            .model_dump_json().encode()
+
+    return immutable(request, etag_of("units", sha256), render)
 
 
-@router.get("/baselines", response_model=BaselinesOut, responses={**RESPONSES, **GONE})
-def read_baselines(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> dict:
+@router.get("/baselines", response_model=BaselinesOut, responses={**RESPONSES, **GONE, **NOT_MODIFIED})
+def read_baselines(job_id: uuid.UUID, request: Request, ctx: ContextDep, token_id: TokenDep) -> Response:
     """Reference allocations on the job's own profile (uniform: every unit in one format), smallest first."""
-    return {"points": baseline_points(job_profile(ctx, token_id, job_id))}
+    sha256 = profile_sha256(ctx, token_id, job_id)
+
+    def render() -> bytes:
+        points = baseline_points(stored_profile(ctx, sha256))
+        return BaselinesOut.model_validate({"points": points}).model_dump_json().encode()
+
+    return immutable(request, etag_of("baselines", sha256), render)

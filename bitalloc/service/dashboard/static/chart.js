@@ -167,6 +167,33 @@ function legend(shapes, colour, hasBaselines) {
   return h("div", {class: "legend"}, items);
 }
 
+const LABEL = {charWidth: 7, height: 12, gap: 2};  // SVG units at the labels' 10px font, on the safe side
+
+/**
+ * Labels for baseline markers that never overprint: markers within a few pixels of each other
+ * share one label ("Q4_K_M = Q4_K_S"), and a label that would cover one already placed moves up
+ * a line at a time until it is clear.
+ */
+export function placeLabels(markers) {
+  const groups = [];
+  for (const m of markers) {
+    const near = groups.find((g) => Math.abs(g.px - m.px) < 4 && Math.abs(g.py - m.py) < 4);
+    const name = m.name.replace(/^uniform /, "");
+    if (near) near.names.push(name);
+    else groups.push({px: m.px, py: m.py, names: [name]});
+  }
+  const placed = [];
+  for (const g of groups.sort((a, b) => b.py - a.py || a.px - b.px)) {
+    const text = [...new Set(g.names)].join(" = ");
+    const box = {x: g.px + 8, y: g.py - 6, width: text.length * LABEL.charWidth, height: LABEL.height, text};
+    const overlaps = (b) => placed.some((p) => b.x < p.x + p.width && p.x < b.x + b.width &&
+                                             b.y - b.height < p.y && p.y - p.height < b.y);
+    for (let tries = 0; overlaps(box) && tries < 40; tries += 1) box.y -= LABEL.height + LABEL.gap;
+    placed.push(box);
+  }
+  return placed;
+}
+
 /**
  * Draw the chart into `container` (which holds the SVG, a tooltip and a legend).
  * `onPick(pointId, shift)` is called when a front point is clicked.
@@ -195,7 +222,10 @@ export function drawFront(container, {points, baselines, x, y, selectedId, compa
     const [px, py] = [toPx.x(b[x]), toPx.y(b[y])];
     const marker = s("path", {d: markerPath(shapes.get(b.kind), px, py, 5), class: "baseline", "data-baseline": b.name});
     attachTooltip(marker, tooltip, container, () => tooltipContent(b.name, b));
-    svg.append(s("text", {class: "baseline-label", x: px + 8, y: py - 6, text: b.name.replace(/^uniform /, "")}), marker);
+    svg.append(marker);
+  }
+  for (const label of placeLabels(refs.map((b) => ({px: toPx.x(b[x]), py: toPx.y(b[y]), name: b.name})))) {
+    svg.append(s("text", {class: "baseline-label", x: label.x, y: label.y, text: label.text}));
   }
 
   const ordered = [...shown].sort((a, b) => a[x] - b[x]);
