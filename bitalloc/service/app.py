@@ -47,8 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.state.registry = registry_for(ctx)
     v1 = APIRouter(prefix="/v1")
-    for router in (jobs.router, fronts.router, artifacts.router, exports.router, dashboard_api.router):
-        v1.include_router(router)
+    for router in (jobs.router, fronts.router, artifacts.router, dashboard_api.router):
+        v1.include_router(router, responses=errors.AUTHENTICATED)
+    v1.include_router(exports.router)
     app.include_router(v1)
     app.include_router(health.router)
     dashboard.mount(app)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from bitalloc.service import builds, jobs, models
 from bitalloc.service.api.deps import ContextDep, LogOffset, PointId, TokenDep
-from bitalloc.service.api.jobs import enqueue, load_job
+from bitalloc.service.api.jobs import NOT_FOUND, enqueue, load_job
 from bitalloc.service.db import transaction
 from bitalloc.service.schemas import ArtifactOut, BuildCreate, BuildOut, LogLine
 
@@ -21,7 +21,7 @@ router = APIRouter(tags=["artifacts"])
 BUILD_NOT_FOUND = {404: {"description": "No such build for this token."}}
 
 
-@router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut])
+@router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut], responses=NOT_FOUND)
 def list_artifacts(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> list[models.ArtifactRecord]:
     with ctx.sessions() as session:
         load_job(session, token_id, job_id)
@@ -63,6 +63,7 @@ def load_build(session: Session, token_id: int, build_id: uuid.UUID) -> models.B
 @router.post("/jobs/{job_id}/points/{point_id}/artifact", response_model=BuildOut,
              status_code=status.HTTP_202_ACCEPTED, responses={
                  200: {"description": "This point's artifact is already built or being built: that build."},
+                 400: {"description": "The (optional) body is not JSON text (e.g. not UTF-8)."},
                  404: {"description": "No such job (or point) for this token."},
                  409: {"description": "The job has not succeeded, so it has no points."},
                  503: {"description": "The job queue is unavailable."}})

@@ -16,6 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 EXCERPT_CHARS = 80
+AUTHENTICATED = {401: {"description": "No bearer token, or not a live one."},
+                 413: {"description": "The request body is over the server's limit."}}
+"""What every route behind a token can also answer (documented in the OpenAPI schema)."""
 
 
 def excerpt(value: Any) -> Any:

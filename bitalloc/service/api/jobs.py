@@ -44,7 +44,8 @@ def check_paths(body: JobCreate, settings: Settings) -> None:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
-             responses={422: {"description": "A field is invalid (loc names it), or the Idempotency-Key was used for another request."}})
+             responses={400: {"description": "The body is not JSON text (e.g. not UTF-8)."},
+                        422: {"description": "A field is invalid (loc names it), or the Idempotency-Key was used for another request."}})
 def submit_job(
     body: JobCreate,
     ctx: ContextDep,
