@@ -6,12 +6,11 @@ kernels are ``kernels.gemv.gemv`` and ``kernels.gemm.gemm``; ``quant_matmul``
 picks between them by batch size. Set ``TRITON_INTERPRET=1`` to run them on CPU.
 """
 
-import importlib
-
 from bitalloc.kernels.packing import PLANES, pack, packed_nbytes, plane_widths, plane_words, unpack
 from bitalloc.kernels.reference import dequantize
 from bitalloc.kernels.reference import matmul as reference_matmul
 from bitalloc.kernels.weights import Fp8Weight, PackedWeight
+from bitalloc.lazy import lazy_exports
 
 _TRITON_EXPORTS = {
     "GEMV_MAX_BATCH": "bitalloc.kernels.gemv",
@@ -34,14 +33,7 @@ __all__ = [
     *_TRITON_EXPORTS,
 ]
 
-
-def __getattr__(name: str):
-    """Load the Triton-backed names on first use.
-
-    ``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, so
-    importing ``kernels.packing`` (as ``quant.formats`` does) must not define
-    the kernels before a process has had the chance to set it.
-    """
-    if name in _TRITON_EXPORTS:
-        return getattr(importlib.import_module(_TRITON_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+# The Triton-backed names load on first use: ``triton.jit`` reads ``TRITON_INTERPRET`` when a
+# kernel is defined, so importing ``kernels.packing`` (as ``quant.formats`` does) must not define
+# the kernels before a process has had the chance to set it.
+__getattr__ = lazy_exports(__name__, globals(), _TRITON_EXPORTS)

@@ -11,8 +11,7 @@ It sits between ``service`` (HTTP, database, queue, workers, CLI) and the librar
 * ``run``: ``run_job``, the whole job.
 """
 
-from importlib import import_module
-
+from bitalloc.lazy import lazy_exports
 from bitalloc.pipeline.spec import JobSpec
 
 # Imported on first use: the models' and solvers' libraries take seconds, which building and
@@ -22,10 +21,4 @@ _LAZY = {"JobResult": "bitalloc.pipeline.run", "evaluate_point": "bitalloc.pipel
 
 __all__ = ["JobResult", "JobSpec", "evaluate_point", "problem_of", "run_job"]
 
-
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'bitalloc.pipeline' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)

@@ -8,6 +8,7 @@ Pure numpy + OR-Tools + pymoo + Optuna; knows nothing of models. Build a
 ``optuna`` and ``refine`` (by a measured objective).
 """
 
+from bitalloc.lazy import lazy_exports
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
 from bitalloc.search.errors import InfeasibleBudget, SearchError
@@ -27,12 +28,4 @@ __all__ = [
     "non_dominated", "refine_front", "register", "smallest_within", "solve",
 ]
 
-
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'bitalloc.search' has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)
