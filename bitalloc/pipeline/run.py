@@ -20,7 +20,7 @@ from bitalloc.pipeline.steps import Workspace, recipe
 from bitalloc.quant.calibration import calibration_for, evaluation_tokens, shared_documents
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import parse_formats
-from bitalloc.quant.loading import LoadedModel, LoadPolicy, load_model
+from bitalloc.quant.loading import LoadedModel, LoadPolicy, load_model, model_dtype
 from bitalloc.quant.profile import Profile, ProfileCache
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.units import UnitSet, enumerate_units
@@ -71,7 +71,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     check_inputs(spec, policy)
     formats = parse_formats(spec.formats)
     progress(0, 1, "load")
-    model = load_model(spec.model, policy)
+    model = load_model(spec.model, policy, model_dtype(spec.dtype))
     units = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=spec.kv is not None)
     if model.is_causal_lm and spec.evaluation:
         for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):

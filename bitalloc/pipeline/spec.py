@@ -37,6 +37,7 @@ class JobSpec:
     bos: bool | None = None  # windows start with BOS: as the tokenizer starts a sequence (None), always, or never
     kv: KVOptions | None = None
     hardware: str = "h100"  # the GPU the latency budget is for, not where the job computes
+    dtype: str = "auto"  # what the model runs in while the job measures it: auto, fp32, bf16 or fp16
     evaluation: str | None = "zoo:evaluation"
     eval_windows: int = 16
     baseline: str | None = None

@@ -114,6 +114,21 @@ def build_module(architecture: str, kwargs: dict | None = None) -> nn.Module:
     return _ARCHITECTURES[architecture](**(kwargs or {}))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtypes a model may run in, by the names jobs use (``--dtype``)."""
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """``fp32``, ``bf16`` or ``fp16``; ``auto`` is fp32 while every step computes on the CPU, where
+    16-bit matmuls gain nothing. Whatever the model runs in, Hessians, Fisher and KL sums
+    accumulate in float32 or wider."""
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec`` in ``dtype`` and eval mode; ``ModelLoadError`` says why when it cannot."""
     check_model_spec(spec, policy)

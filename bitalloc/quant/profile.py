@@ -172,6 +172,7 @@ def build_profile(
     meta = {
         "model": model.spec, "metric": metric, "method": method, "calibration": calibration.describe(),
         "formats": [f.name for f in formats], "latency_source": latency_model.source, "hardware": hardware,
+        "dtype": str(next(model.module.parameters()).dtype).removeprefix("torch."),
         "kv": None if kv is None else asdict(kv), "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

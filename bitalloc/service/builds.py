@@ -27,7 +27,7 @@ from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.quant.artifact import build_artifact
 from bitalloc.quant.calibration import calibration_for
-from bitalloc.quant.loading import LoadPolicy, load_model
+from bitalloc.quant.loading import LoadPolicy, load_model, model_dtype
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.quantizers import Method
 from bitalloc.service import jobs
@@ -133,7 +133,7 @@ def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolic
     """Build, pack and store the artifact. GPTQ fits on the parent job's own calibration set."""
     check_inputs(build.spec, policy)
     progress(0, 1, "load")
-    model = load_model(build.spec.model, policy)
+    model = load_model(build.spec.model, policy, model_dtype(build.spec.dtype))
     calibration = None
     if build.method == "gptq":
         spec = build.spec

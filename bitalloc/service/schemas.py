@@ -137,6 +137,9 @@ class JobCreate(Strict):
     hardware: str = Field("h100", min_length=1, max_length=64, description="The GPU the quantized model will be "
                           "served on: its memory bandwidth (or measured kernel table) predicts latency. "
                           f"Known: {', '.join(sorted(BANDWIDTH))}.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="What the model runs in while "
+                                                           "the job measures it (auto: fp32 on the CPU); Hessian, "
+                                                           "Fisher and KL sums accumulate in fp32 or wider.")
     device: str | None = Field(None, exclude=True, description="Renamed: the latency target is `hardware`.",
                                json_schema_extra={"deprecated": True})
     baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
@@ -224,7 +227,7 @@ class JobCreate(Strict):
                        points=self.points,
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, bos=self.calibration.bos,
-                       kv=kv, hardware=self.hardware,
+                       kv=kv, hardware=self.hardware, dtype=self.dtype,
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
                        baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties)
 

@@ -142,3 +142,11 @@ def test_the_cli_refuses_bad_arguments_before_importing_the_models_libraries(arg
                          capture_output=True, text=True, cwd=Path(tmp_path))
     assert out.returncode == 1 and message in out.stderr
     assert "HEAVY []" in out.stdout
+
+
+def test_a_job_runs_in_bf16_and_says_so(tmp_path, zoo):
+    result = run_job(spec(dtype="bf16"), profile_dir=tmp_path)
+    assert result.profile.meta["dtype"] == "bfloat16" and result.summary()["profile"]["dtype"] == "bfloat16"
+    assert result.chosen.avg_bits <= 5.0 and result.evaluation["kl"] >= 0
+    fp32 = run_job(spec(), profile_dir=tmp_path)
+    assert not fp32.profile_cached and fp32.profile.meta["key"] != result.profile.meta["key"]

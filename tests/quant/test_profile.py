@@ -106,3 +106,36 @@ def test_profiles_an_older_key_made_are_not_reused_and_the_cache_says_so(tiny_ll
         _, cached = cache.get_or_build(tiny_llama, units, parse_formats("int4_g32"), "output_mse", calibration)
     assert not cached
     assert "1 cached profile(s)" in caplog.text and "computed anew" in caplog.text
+
+
+@pytest.mark.parametrize("metric", ["output_mse", "fisher_mse"])
+def test_bf16_runs_the_same_code_path_and_its_cells_agree_with_fp32(metric):
+    """The same random model in bf16 (its weights rounded to bf16, its activations in bf16, the
+    sums in fp32) against fp32: every cell within 10 % and half of them within 2.5 %. Measured:
+    at most 5 % and a median of 1 % on these shapes."""
+    import torch
+
+    from bitalloc.quant.loading import load_model, model_dtype
+
+    errors = {}
+    for name in ("fp32", "bf16"):
+        loaded = load_model("factory:tiny-llama", dtype=model_dtype(name))
+        units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs)
+        calibration = calibration_for(loaded, None, seq_len=64, count=8)
+        profile = build_profile(loaded, units, parse_formats("int2_g32,int4_g32,int8_g32"), metric, calibration)
+        assert profile.meta["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[name]
+        assert next(loaded.module.parameters()).dtype == model_dtype(name) and profile.error.dtype == np.float64
+        errors[name] = profile.error
+    assert torch.get_default_dtype() == torch.float32
+    relative = np.abs(errors["bf16"] - errors["fp32"]) / np.abs(errors["fp32"])
+    assert relative.max() < 0.10 and np.median(relative) < 0.025
+
+
+def test_a_dtype_is_named_or_refused():
+    import torch
+
+    from bitalloc.quant.loading import model_dtype
+
+    assert model_dtype("auto") == torch.float32 and model_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'int8': choose auto, fp32, bf16, fp16"):
+        model_dtype("int8")

@@ -51,6 +51,7 @@ BAD_FIELDS = [
     ({"calibration": {"source": ""}}, ("body", "calibration", "source")),
     ({"evaluation": {"windows": 0}}, ("body", "evaluation", "windows")),
     ({"hardware": "tpu"}, ("body", "hardware")),
+    ({"dtype": "int8"}, ("body", "dtype")),
     ({"device": "h100"}, ("body", "device")),
     ({"colour": "blue"}, ("body", "colour")),
 ]

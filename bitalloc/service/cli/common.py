@@ -11,6 +11,7 @@ from bitalloc.search.budgets import Budgets
 
 FORMATS_HELP = "Comma-separated candidate formats, e.g. int3_g128,int4_g128,int5_g128,int6_g128,int8_g128."
 DEFAULT_FORMATS = "int2_g128,int3_g128,int4_g128,int5_g128,int6_g128,int8_g128"
+DTYPE_HELP = "What the model runs in while it is measured: auto (fp32 on the CPU), fp32, bf16 or fp16."
 HARDWARE_HELP = ("The GPU the quantized model will be served on, whose memory bandwidth (or measured kernel "
                  "table) predicts decode latency: h100, h200, a100, l40s, rtx4090 or cpu.")
 

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from bitalloc.service.cli.common import DEFAULT_FORMATS, FORMATS_HELP, HARDWARE_HELP, budgets, fail, read_allocation, write_json
+from bitalloc.service.cli.common import (
+    DEFAULT_FORMATS,
+    DTYPE_HELP,
+    FORMATS_HELP,
+    HARDWARE_HELP,
+    budgets,
+    fail,
+    read_allocation,
+    write_json,
+)
 
 
 def run(
@@ -33,6 +42,7 @@ def run(
     kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
     hardware: str = typer.Option("h100", help=HARDWARE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     points: int = typer.Option(32, help="Points on the front sweep."),
     calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
@@ -47,7 +57,7 @@ def run(
     from bitalloc.pipeline.spec import JobSpec
     from bitalloc.quant.formats import parse_formats
     from bitalloc.quant.kv import KVOptions
-    from bitalloc.quant.loading import ModelLoadError
+    from bitalloc.quant.loading import ModelLoadError, model_dtype
     from bitalloc.search.errors import InfeasibleBudget
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
@@ -59,7 +69,9 @@ def run(
                        budgets=budgets(avg_bits, max_bytes, latency, error), measured_kl=measured_kl, points=points,
                        calibration=calibration, samples=samples, seq_len=seq_len, bos=bos, eval_windows=eval_windows,
                        baseline=baseline, descend=descend, refine=refine, ties=not untie,
-                       kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware)
+                       kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware,
+                       dtype=dtype)
+        model_dtype(dtype)
         # What can be refused without the model is refused before the seconds of importing the rest.
         parse_formats(spec.formats)
         check_inputs(spec, settings.load_policy())
@@ -116,13 +128,14 @@ def profile(
     kv_context: int | None = typer.Option(None, help="Include the KV caches as units, costed at this context length."),
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
     hardware: str = typer.Option("h100", help=HARDWARE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     out: Path = typer.Option(Path("profile.npz"), help="Where to write the profile."),
 ) -> None:
     """Measure every unit x format cell of a model and write the profile."""
     from bitalloc.quant.calibration import calibration_for
     from bitalloc.quant.formats import parse_formats
     from bitalloc.quant.kv import KVOptions
-    from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.loading import ModelLoadError, load_model, model_dtype
     from bitalloc.quant.profile import ProfileCache
     from bitalloc.quant.units import enumerate_units
     from bitalloc.service.progress import progress_bar
@@ -131,7 +144,7 @@ def profile(
     settings = get_settings()
     try:
         candidates = parse_formats(formats)
-        loaded = load_model(model, settings.load_policy())
+        loaded = load_model(model, settings.load_policy(), model_dtype(dtype))
         kv = None if kv_context is None else KVOptions(kv_context, kv_batch)
         units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs, kv_cache=kv is not None)
         data = calibration_for(loaded, calibration, seq_len=seq_len, count=samples)
