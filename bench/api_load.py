@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per scenario")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads")
     parser.add_argument("--many-clients", type=int, default=50, help="client threads of the front-read runs under load")
+    parser.add_argument("--server-workers", type=int, default=1, help="API processes (`bitalloc serve --workers`; "
+                        "more than one needs --redis-url)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "api_load.json")
     args = parser.parse_args()
     if not args.database_url or not args.database_url.startswith("postgresql"):
@@ -134,7 +136,8 @@ def main() -> None:
         if args.redis_url:
             env["BITALLOC_REDIS_URL"] = args.redis_url
         server = subprocess.Popen([str(Path(sys.executable).parent / "bitalloc"), "serve", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "--port", str(port), "--workers", str(args.server_workers)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
@@ -169,7 +172,8 @@ def main() -> None:
                   f"{row['p99_ms']:>8.2f} {row['errors']:>6}")
         results = {
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-            "setup": {"server": "bitalloc serve (1 uvicorn process, loopback)", "database": "postgresql",
+            "setup": {"server": f"bitalloc serve ({args.server_workers} uvicorn process(es), loopback)",
+                      "database": "postgresql",
                       "queue": "rq on redis" if args.redis_url else "none (jobs stay queued)",
                       "client": f"{args.concurrency} httpx threads ({args.many_clients} where the scenario says so) in "
                                 "one process on the same machine, each request after the last one answered"},
