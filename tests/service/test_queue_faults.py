@@ -20,6 +20,7 @@ from rq import SimpleWorker
 from rq.job import Job
 from service_helpers import bearer, job_body, running_app, wait_until_finished
 from sqlalchemy import update
+from test_reliability import descendants
 
 from bitalloc.service import jobs, worker
 from bitalloc.service.db import transaction
@@ -158,3 +159,39 @@ def test_the_worker_waits_longer_each_time_until_redis_answers():
 
     worker.wait_for_redis(ping, (ConnectionError,), sleep=waits.append)
     assert waits == [0.5, 1.0, 2.0, 4.0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_worker_count_runs_jobs_side_by_side(queued_settings, own_pg_url, zoo):
+    """``bitalloc worker --count 2``: two processes wait on the queue, so two jobs run at once
+    (their running intervals overlap), and both succeed once."""
+    from rq import Worker
+
+    settings = queued_settings.model_copy(update={"database_url": own_pg_url})
+    env = {**os.environ, "BITALLOC_DATABASE_URL": own_pg_url, "BITALLOC_REDIS_URL": settings.redis_url,
+           "BITALLOC_QUEUE_NAME": settings.queue_name, "BITALLOC_DATA_DIR": str(settings.data_dir),
+           "BITALLOC_AUTO_MIGRATE": "0"}
+    process = subprocess.Popen([str(Path(sys.executable).parent / "bitalloc"), "worker", "--count", "2"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with running_app(settings) as (client, ctx):
+            deadline = time.monotonic() + 120
+            while len(Worker.all(queue=ctx.queue.rq)) < 2:  # both processes are waiting on the queue
+                assert process.poll() is None and time.monotonic() < deadline, "two workers never registered"
+                time.sleep(0.1)
+            headers = bearer(ctx)
+            ids = [client.post("/v1/jobs", json=job_body(points=4 + i), headers=headers).json()["id"] for i in range(2)]
+            finished = [wait_until_finished(client, headers, j, timeout=180) for j in ids]
+            children = descendants(process.pid)
+            assert len(children) >= 2
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    deadline = time.monotonic() + 15  # multiprocessing's resource tracker leaves once the parent is gone
+    while [pid for pid in children if Path(f"/proc/{pid}").exists()]:
+        assert time.monotonic() < deadline, "a worker outlived its parent's SIGTERM"
+        time.sleep(0.1)
+    assert [(job["state"], job["attempts"]) for job in finished] == [("succeeded", 1)] * 2
+    (a_start, a_end), (b_start, b_end) = [(job["started_at"], job["finished_at"]) for job in finished]
+    assert a_start < b_end and b_start < a_end  # they ran at the same time

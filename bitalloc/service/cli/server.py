@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from bitalloc.service.cli.common import context, fail
@@ -40,8 +42,39 @@ def serve(
     uvicorn.run("bitalloc.service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
 
 
-def worker(burst: bool = typer.Option(False, help="Run the queued jobs, then exit.")) -> None:
+def worker(burst: bool = typer.Option(False, help="Run the queued jobs, then exit."),
+           count: int = typer.Option(1, min=1, max=64, help="Worker processes to run side by side (each takes "
+                                     "one job at a time; give each a CPU core or a GPU).")) -> None:
     """Take jobs from the RQ queue (needs BITALLOC_REDIS_URL); each job runs in its own work horse."""
+    from bitalloc.service.settings import get_settings
+
+    if not get_settings().redis_url:
+        raise fail("bitalloc worker needs BITALLOC_REDIS_URL (without it, `bitalloc serve` runs jobs itself)")
+    if count == 1:
+        one_worker(burst)
+        return
+    import multiprocessing
+    import signal
+
+    spawn = multiprocessing.get_context("spawn")  # fresh processes: no pooled connection crosses a fork
+    processes = [spawn.Process(target=one_worker, args=(burst,), name=f"bitalloc-worker-{i}") for i in range(count)]
+    for process in processes:
+        process.start()
+    # A SIGTERM (docker stop, a supervisor) ends the workers too: each finishes or hands back its job.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=30)
+    if any(process.exitcode for process in processes):
+        raise typer.Exit(1)
+
+
+def one_worker(burst: bool) -> None:
     from bitalloc.service.worker import run_rq_worker
 
     ctx = context()
