@@ -21,24 +21,24 @@ AUTHENTICATED = {401: {"description": "No bearer token, or not a live one."},
 """What every route behind a token can also answer (documented in the OpenAPI schema)."""
 
 
+def safe_text(value: Any) -> str:
+    """``value`` as text that encodes as UTF-8 (a lone surrogate becomes its escape)."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def excerpt(value: Any) -> Any:
     """The input as a 422 echoes it: small numbers and booleans as they are, anything else as
-    at most ``EXCERPT_CHARS`` characters of text with broken Unicode escaped."""
+    at most ``EXCERPT_CHARS`` characters of safe text."""
     if value is None or isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
         return value
-    text = value if isinstance(value, str) else repr(value)
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = safe_text(value if isinstance(value, str) else repr(value))
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
 
 
-def safe_msg(message: Any) -> str:
-    return str(message).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    detail = [{"type": e.get("type", "value_error"), "loc": [safe_msg(part) if isinstance(part, str) else part
-                                                             for part in e.get("loc", ())],
-               "msg": safe_msg(e.get("msg", "")), "input": excerpt(e.get("input"))} for e in exc.errors()]
+    detail = [{"type": e.get("type", "value_error"),
+               "loc": [safe_text(part) if isinstance(part, str) else part for part in e.get("loc", ())],
+               "msg": safe_text(e.get("msg", "")), "input": excerpt(e.get("input"))} for e in exc.errors()]
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": detail})
 
 
