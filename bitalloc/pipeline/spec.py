@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from bitalloc.quant.formats import parse_formats
 from bitalloc.quant.kv import KVOptions
+from bitalloc.quant.loading import model_dtype
 from bitalloc.quant.quantizers import Method
 from bitalloc.search import Budgets
 
@@ -55,6 +57,10 @@ class JobSpec:
         return self.calibration or "zoo:tuning"
 
     def __post_init__(self) -> None:
+        """What a spec can be refused for by itself, before anything is loaded (a CLI refusing a
+        bad argument in a second relies on it)."""
+        parse_formats(self.formats)
+        model_dtype(self.dtype)
         check_target(self.budgets, self.measured_kl)
 
 

@@ -239,21 +239,24 @@ def _with_prefix(body: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.tensor(prefix, dtype=body.dtype).expand(len(body), -1), body], dim=1)
 
 
-def _check_shape(seq_len: int, count: int | None) -> None:
+def _text_to_cut(tokenizer: Any, source: str, seq_len: int, count: int | None,
+                 bos: bool | None) -> tuple[tuple[int, ...], int, torch.Tensor, str]:
+    """What windows are cut from: their prefix, how many text tokens follow it in a window, and
+    the source's token stream and text hash."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    prefix = window_prefix(tokenizer, bos)
+    stream, digest = _source_stream(tokenizer, source)
+    return prefix, seq_len - len(prefix), stream, digest
 
 
 def calibration_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, count: int = 32, seed: int = 0,
                        bos: bool | None = None) -> CalibrationSet:
     """``count`` windows of ``seq_len`` tokens: the window prefix, then text from seeded random
     offsets of the source."""
-    _check_shape(seq_len, count)
-    prefix = window_prefix(tokenizer, bos)
-    body = seq_len - len(prefix)
-    stream, digest = _source_stream(tokenizer, source)
+    prefix, body, stream, digest = _text_to_cut(tokenizer, source, seq_len, count, bos)
     if body < 1 or len(stream) < body:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
@@ -270,10 +273,7 @@ def evaluation_tokens(tokenizer: Any, source: str, *, seq_len: int = 512, max_wi
     ``max_windows`` keeps evenly spaced windows across the whole text, so a smaller
     evaluation still samples every document region rather than only the first ones.
     """
-    _check_shape(seq_len, max_windows)
-    prefix = window_prefix(tokenizer, bos)
-    body = seq_len - len(prefix)
-    stream, digest = _source_stream(tokenizer, source)
+    prefix, body, stream, digest = _text_to_cut(tokenizer, source, seq_len, max_windows, bos)
     total = len(stream) // body if body > 0 else 0
     if total == 0:
         raise ValueError(f"text source {source!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")

@@ -55,9 +55,8 @@ def run(
     """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
     from bitalloc.pipeline.inputs import check_inputs
     from bitalloc.pipeline.spec import JobSpec
-    from bitalloc.quant.formats import parse_formats
     from bitalloc.quant.kv import KVOptions
-    from bitalloc.quant.loading import ModelLoadError, model_dtype
+    from bitalloc.quant.loading import ModelLoadError
     from bitalloc.search.errors import InfeasibleBudget
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
@@ -71,9 +70,8 @@ def run(
                        baseline=baseline, descend=descend, refine=refine, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware,
                        dtype=dtype)
-        model_dtype(dtype)
-        # What can be refused without the model is refused before the seconds of importing the rest.
-        parse_formats(spec.formats)
+        # The spec refused bad formats, dtype and budgets when it was made; paths are checked too
+        # before the seconds of importing the rest.
         check_inputs(spec, settings.load_policy())
         from bitalloc.pipeline.run import run_job
 
