@@ -21,7 +21,8 @@ EXECUTE = "bitalloc.service.worker.execute"
 
 class JobQueue(Protocol):
     def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
-        """Make a queued job (about to start attempt ``attempt``) reach a worker."""
+        """Make a queued job (about to start attempt ``attempt``) reach a worker; a no-op when a
+        message for that attempt is already waiting or running, so concurrent senders send one."""
 
     def check(self) -> None:
         """Raise when the queue cannot take jobs (readiness)."""
@@ -52,6 +53,7 @@ class RQQueue:
     own deadline check reports it) is killed by RQ and failed by the reaper."""
 
     GRACE_SECONDS = 60
+    SEND_LOCK_SECONDS = 10
 
     def __init__(self, redis_url: str, name: str, job_timeout: float) -> None:
         from redis import Redis
@@ -68,8 +70,18 @@ class RQQueue:
         return f"bitalloc-{job_id.hex}-{attempt}"
 
     def enqueue(self, job_id: uuid.UUID, attempt: int) -> None:
-        self.rq.enqueue(EXECUTE, str(job_id), job_id=self.message_id(job_id, attempt),
-                        job_timeout=self.job_timeout, result_ttl=3600, failure_ttl=7 * 86400)
+        """Check and send under a short Redis lock: the submitting request and a replayed one (or
+        the reaper) can both find the job unsent, and without the lock both would push it."""
+        message = self.message_id(job_id, attempt)
+        lock = self.redis.lock(f"{message}:sending", timeout=self.SEND_LOCK_SECONDS)
+        if not lock.acquire(blocking=True, blocking_timeout=self.SEND_LOCK_SECONDS):
+            return
+        try:
+            if not self.pending(job_id, attempt):
+                self.rq.enqueue(EXECUTE, str(job_id), job_id=message,
+                                job_timeout=self.job_timeout, result_ttl=3600, failure_ttl=7 * 86400)
+        finally:
+            lock.release()
 
     def check(self) -> None:
         self.redis.ping()

@@ -87,6 +87,25 @@ def test_jobs_whose_messages_redis_lost_are_sent_again_and_run_once(queued_setti
             assert sum(m.startswith("succeeded") for m in log) == 1
 
 
+@pytest.mark.integration
+def test_senders_racing_on_one_job_put_one_message_on_the_queue(redis_url, queue_name):
+    """The submitting request, a replayed submission and the reaper can all find a job unsent at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bitalloc.service.queue import RQQueue
+
+    queue = RQQueue(redis_url, queue_name, job_timeout=60)
+    job_id = uuid.uuid4()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: queue.enqueue(job_id, 1), range(32)))
+        assert queue.rq.count == 1 and queue.pending(job_id, 1)
+        queue.enqueue(job_id, 2)  # the next attempt is a message of its own
+        assert queue.rq.count == 2
+    finally:
+        queue.rq.empty()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

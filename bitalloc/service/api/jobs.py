@@ -85,8 +85,7 @@ def resend(ctx: Context, job: JobRecord) -> None:
     if job.state != "queued":
         return
     with contextlib.suppress(Exception):
-        if not ctx.queue.pending(job.id, job.attempts + 1):
-            ctx.queue.enqueue(job.id, job.attempts + 1)
+        ctx.queue.enqueue(job.id, job.attempts + 1)
 
 
 def enqueue(ctx: Context, job_id: uuid.UUID) -> None:
