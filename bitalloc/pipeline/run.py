@@ -18,12 +18,15 @@ from bitalloc.pipeline.problem import problem_of
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.pipeline.steps import Workspace, recipe
 from bitalloc.quant.calibration import calibration_for, evaluation_tokens, shared_documents
+from bitalloc.quant.device import resolve_device
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import parse_formats
-from bitalloc.quant.loading import LoadedModel, LoadPolicy, load_model, model_dtype
-from bitalloc.quant.profile import Profile, ProfileCache
+from bitalloc.quant.loading import LoadedModel, LoadPolicy, model_dtype
+from bitalloc.quant.metrics.streamed import check_streamable
+from bitalloc.quant.profile import Profile, ProfileCache, compute_of
 from bitalloc.quant.progress import ProgressFn, no_progress
-from bitalloc.quant.units import UnitSet, enumerate_units
+from bitalloc.quant.stream import StreamedModel, load_within
+from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Front, front
 
 EXACT_SOLVERS = ("dp", "ilp")
@@ -38,12 +41,13 @@ class JobResult:
     evaluation: dict | None
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    compute: dict = field(default_factory=dict)  # where the job computed: device, dtype, streamed or not
 
     def summary(self) -> dict:
         return {
             "profile": self.profile.meta, "profile_cached": self.profile_cached,
             "front": self.front.to_dict(), "chosen": None if self.chosen is None else self.chosen.to_dict(),
-            "evaluation": self.evaluation, "seconds": self.seconds, "notes": self.notes,
+            "evaluation": self.evaluation, "seconds": self.seconds, "notes": self.notes, "compute": self.compute,
         }
 
 
@@ -53,6 +57,24 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
     if shared:
         raise ValueError(f"calibration {calibration!r} and evaluation {evaluation!r} share {shared} document(s); "
                          "held-out evaluation must not see calibration text")
+
+
+def check_streamed(spec: JobSpec, why: str) -> None:
+    """Refuse, before any profiling, what a job cannot do on a model streamed block by block yet
+    (``why`` it streams: asked for, or its weights do not fit): metrics that need the whole model,
+    and every step that runs it."""
+    try:
+        check_streamable(spec.metric, spec.kv is not None)
+    except ValueError as exc:
+        raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
+    whole_model = {"measured_kl": spec.measured_kl is not None, "descend": bool(spec.descend),
+                   "surrogate": bool(spec.surrogate), "refine": bool(spec.refine),
+                   "baseline": (spec.baseline or "").startswith("nncf")}
+    asked = [name for name, wanted in whole_model.items() if wanted]
+    if asked:
+        raise ValueError(f"the model is streamed block by block ({why}), and {', '.join(asked)} run(s) the whole "
+                         "model, which cannot be done streamed yet: give a --max-memory the weights fit in, or leave "
+                         "them out")
 
 
 def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),
@@ -71,8 +93,14 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     check_inputs(spec, policy)
     formats = parse_formats(spec.formats)
     progress(0, 1, "load")
-    model = load_model(spec.model, policy, model_dtype(spec.dtype))
-    units = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=spec.kv is not None)
+    device = resolve_device(spec.device)
+    model = load_within(spec.model, policy, dtype=model_dtype(spec.dtype, device), device=device,
+                        max_memory=spec.max_memory, stream=spec.stream)
+    streamed = isinstance(model, StreamedModel)
+    if streamed:
+        check_streamed(spec, model.info.get("streamed", "asked for"))
+    compute = {**compute_of(model), "streamed": streamed}
+    units = model.units(kv_cache=spec.kv is not None)
     if model.is_causal_lm and spec.evaluation:
         for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):
             check_disjoint(source, spec.evaluation)
@@ -98,12 +126,14 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     lap("solve")
 
     evaluation = None
-    if chosen is not None and model.is_causal_lm and spec.evaluation:
+    if streamed and chosen is not None and spec.evaluation:
+        work.note("the held-out evaluation is skipped: it cannot run on a model streamed block by block yet")
+    elif chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
         evaluation = evaluate_point(model, chosen, spec, units, work.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
-    return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes)
+    return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes, compute)
 
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, units: UnitSet,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from bitalloc.quant.device import check_device_name
 from bitalloc.quant.formats import parse_formats
 from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.loading import model_dtype
@@ -40,11 +41,15 @@ class JobSpec:
     kv: KVOptions | None = None
     hardware: str = "h100"  # the GPU the latency budget is for, not where the job computes
     dtype: str = "auto"  # what the model runs in while the job measures it: auto, fp32, bf16 or fp16
+    device: str = "auto"  # where the model computes: auto (CUDA when present), cpu, cuda or cuda:N
+    max_memory: int | None = None  # bytes the model may take on the device (None: what it has free)
+    stream: bool = False  # profile block by block even when the weights would fit in max_memory
     evaluation: str | None = "zoo:evaluation"
     eval_windows: int = 16
     baseline: str | None = None
     refine: int = 0
     descend: int = 0
+    surrogate: int = 0  # rounds of the measured interaction surrogate (fit, solve exactly, measure); 0: none
     fitness_windows: int = 8
     gradient_windows: int = 8
     ties: bool = True
@@ -61,6 +66,12 @@ class JobSpec:
         bad argument in a second relies on it)."""
         parse_formats(self.formats)
         model_dtype(self.dtype)
+        check_device_name(self.device)
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
+        for name in ("descend", "surrogate", "refine"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (none) or a positive count, got {getattr(self, name)}")
         check_target(self.budgets, self.measured_kl)
 
 

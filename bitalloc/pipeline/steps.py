@@ -4,8 +4,9 @@ A ``Step`` takes the point so far (``None`` before the first step) and returns t
 The first step picks the point at the budget: ``Solve`` (the exact optimum of the profile's
 predicted error), ``Baseline`` (a named published rule), or ``Target`` (the smallest
 allocation whose *measured* KL meets the accuracy target). Measured improvement follows:
-``Descend`` (proximal steps on the KL's local model), then ``Refine`` (EvoPress-style
-evolution), each within its start's own size and never kept unless it measures better.
+``Descend`` (proximal steps on the KL's local model), ``Surrogate`` (a fitted model of KL with
+pairwise terms, solved exactly), then ``Refine`` (EvoPress-style evolution), each within its
+start's own size and never kept unless it measures better.
 
 What steps share (the model, the calibration windows, the problem, GPTQ's Hessians, the
 fitness measure) lives once in a ``Workspace``, computed on first use.
@@ -33,6 +34,7 @@ from bitalloc.quant.profile import ProfileCache
 from bitalloc.quant.sensitivity import nncf_scores
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
+from bitalloc.search.baselines import hawq_v3, rescore
 from bitalloc.search.feasibility import extreme_allocation
 from bitalloc.search.solvers.refine import staged_schedule
 
@@ -71,9 +73,18 @@ class Workspace:
         return calibration_hessians(self.model.module, self.units, self.calibration)
 
     @functools.cached_property
+    def trace_problem(self) -> Problem:
+        """The problem of a ``hessian_trace`` profile of the same units and formats: HAWQ-V3's."""
+        spec = self.spec
+        profile, _ = ProfileCache(self.profile_dir).get_or_build(
+            self.model, self.units, parse_formats(spec.formats), "hessian_trace", self.calibration,
+            method=spec.method, kv=spec.kv, hardware=spec.hardware)
+        return problem_of(profile)
+
+    @functools.cached_property
     def fitness(self) -> MeasuredKL:
         if not self.model.is_causal_lm:
-            raise ValueError("measured KL (descend, refine, measured_kl budgets) needs a causal language model")
+            raise ValueError("measured KL (descend, surrogate, refine, measured_kl budgets) needs a causal language model")
         spec = self.spec
         windows = calibration_tokens(self.model.tokenizer, spec.fitness_source, seq_len=spec.seq_len,
                                      count=spec.fitness_windows, seed=spec.seed + 1, bos=spec.bos)
@@ -129,17 +140,11 @@ class Baseline(Step):
         if unknown:
             raise ValueError(f"baseline {spec.baseline!r} names formats {unknown} that are not among the job's formats")
 
-        def trace_problem() -> Problem:
-            profile, _ = ProfileCache(work.profile_dir).get_or_build(
-                work.model, work.units, parse_formats(spec.formats), "hessian_trace", work.calibration,
-                method=spec.method, kv=spec.kv, hardware=spec.hardware)
-            return problem_of(profile)
-
         def scores() -> dict[str, float]:
             return nncf_scores(work.model.module, work.units.weights, batches=work.calibration.batches(4))
 
         return named_baseline(request, work.problem, work.units.units, spec.budgets.max_avg_bits,
-                              trace_problem=trace_problem, scores=scores)
+                              trace_problem=lambda: work.trace_problem, scores=scores)
 
 
 class Target(Step):
@@ -177,6 +182,32 @@ class Descend(Step):
         return solver.solve(problem, work.within(point))
 
 
+class Surrogate(Step):
+    """A measured model of KL with pairwise terms between units of nearby blocks, fitted to
+    allocations sampled around the point and HAWQ-V3's, solved exactly within the point's own
+    size, refitted for ``spec.surrogate`` rounds; kept only if confirmed on windows it was not
+    chosen on."""
+
+    name = "surrogate"
+
+    def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
+        if point is None:
+            return None
+        problem, within, fitness = work.problem, work.within(point), work.fitness
+        seeds = [rescore(hawq_v3(work.trace_problem, within), problem)]
+        blocks = {unit.name: unit.block for unit in work.units.units}
+        solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
+                            blocks=[blocks[name] for name in problem.unit_names], rounds=work.spec.surrogate,
+                            seed=work.spec.seed)
+        found = solver.solve(problem, within)
+        fit = found.info.get("held_out", {})
+        work.notify(f"surrogate: {found.info['evaluations']} allocations measured; fitness KL "
+                    f"{found.info['start_measured']:.4g} -> {found.measured:.4g}"
+                    + (f" (held-out Spearman {fit['spearman']:.2f}, the profile's sum {fit['additive_spearman']:.2f})"
+                       if fit else ""))
+        return found
+
+
 class Refine(Step):
     """EvoPress-style refinement within the point's own size, by KL on growing window counts."""
 
@@ -195,4 +226,5 @@ class Refine(Step):
 def recipe(spec: JobSpec) -> list[Step]:
     """The steps a job asks for, in order: how the point is picked, then how it is improved."""
     first: Step = Baseline() if spec.baseline else Target() if spec.measured_kl is not None else Solve()
-    return [first, *([Descend()] if spec.descend else []), *([Refine()] if spec.refine else [])]
+    return [first, *([Descend()] if spec.descend else []), *([Surrogate()] if spec.surrogate else []),
+            *([Refine()] if spec.refine else [])]

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from bitalloc.quant.calibration import CalibrationSet
+from bitalloc.quant.device import module_device
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.hessian import Hessians
 from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.loading import LoadedModel
-from bitalloc.quant.quantizers import Method, simulate
+from bitalloc.quant.quantizers import Method, simulate, uses_importance
 from bitalloc.quant.units import Unit, UnitSet, set_weight_matrix, weight_matrix
 
 
@@ -48,7 +50,8 @@ class Evaluation:
 
 
 def model_logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """A causal LM's logits (float32) for a batch of token windows, without a KV cache."""
+    """A causal LM's logits (float32) for a batch of token windows, without a KV cache, on the module's device."""
+    batch = batch.to(module_device(module))
     output = module(batch, use_cache=False) if hasattr(module, "config") else module(batch)
     return (output.logits if hasattr(output, "logits") else output).float()
 
@@ -65,14 +68,15 @@ def applied(
     allocation: Mapping[str, str],
     *,
     method: Method = "rtn",
-    hessians: Mapping[str, torch.Tensor] | None = None,
+    hessians: Hessians | None = None,
     cache: QuantizedWeights | None = None,
 ) -> Iterator[None]:
     """Run the model with each weight unit of ``allocation`` (unit -> format name) quantized.
 
     The original weights are put back on exit, even after an error, so one loaded model
     serves any number of evaluations. KV units in the allocation are left to
-    ``quant.kv_sim.kv_applied``. ``cache`` keeps quantized weights for the next call.
+    ``quant.kv_sim.kv_applied``. ``cache`` keeps quantized weights for the next call. Under
+    ``gptq`` the calibration ``hessians`` fit GPTQ, and give llama.cpp's types their importance matrix.
     """
     modules = dict(model.module.named_modules())
     saved: dict[str, torch.Tensor] = {}
@@ -93,12 +97,14 @@ def applied(
 
 
 def simulated(weight: torch.Tensor, name: str, format_name: str, method: Method,
-              hessians: Mapping[str, torch.Tensor] | None, cache: QuantizedWeights | None) -> torch.Tensor:
+              hessians: Hessians | None, cache: QuantizedWeights | None) -> torch.Tensor:
     """Unit ``name``'s 16-bit weight matrix as ``format_name`` stores it, from ``cache`` when it holds it."""
 
     def quantize() -> torch.Tensor:
+        fmt = get_format(format_name)
         hessian = hessians.get(name) if hessians else None
-        return simulate(weight.float(), get_format(format_name), method, hessian)
+        importance = hessians.importance(name) if hessian is not None and uses_importance(fmt, method) else None
+        return simulate(weight.float(), fmt, method, hessian, importance)
 
     return quantize() if cache is None else cache.get((name, format_name, method), quantize)
 
@@ -166,7 +172,7 @@ class Evaluator:
             for index, batch in enumerate(inputs.split(self.batch_size)):
                 reference = self.reference_log_probs(index, batch)
                 log_probs = torch.log_softmax(model_logits(self.model.module, batch)[:, :-1], dim=-1)
-                targets = batch[:, 1:].unsqueeze(-1)
+                targets = batch[:, 1:].unsqueeze(-1).to(log_probs.device)
                 nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
                 reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
                 window_kl += [float(kl_sum(r, q)) / r.shape[0] for r, q in zip(reference, log_probs)]
@@ -177,7 +183,7 @@ class Evaluator:
                           math.exp(reference_nll / count), window_kl=tuple(window_kl))
 
     def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
-                 hessians: Mapping[str, torch.Tensor] | None = None, units: UnitSet | None = None,
+                 hessians: Hessians | None = None, units: UnitSet | None = None,
                  max_windows: int | None = None) -> Evaluation:
         """Score ``allocation`` (weights and KV caches); with ``units`` also report its weights' exact bytes and average bits."""
         with (applied(self.model, allocation, method=method, hessians=hessians, cache=self.weights),
@@ -219,7 +225,7 @@ class MeasuredKL:
     """
 
     def __init__(self, evaluator: Evaluator, *, method: Method = "rtn",
-                 hessians: Mapping[str, torch.Tensor] | None = None) -> None:
+                 hessians: Hessians | None = None) -> None:
         self.evaluator, self.method, self.hessians = evaluator, method, hessians
         self.window = evaluator.windows.inputs.shape[-1]
 

@@ -19,7 +19,10 @@ which is what the search budgets count.
 Names: ``int{2,3,4,5,6,8}_g{32,64,128}`` or ``..._pc`` (per output channel) with an
 optional ``_asym`` suffix; ``nf4_g{64,...}``; ``fp8_e4m3``, ``fp6_e3m2`` (per channel,
 ``_g{G}`` to group them); ``fp4_e2m1`` (groups of 32 by default); ``bf16`` and ``fp16``
-(kept as 16-bit). ``get_format`` parses any such name, not only the listed ones.
+(kept as 16-bit); and llama.cpp's own types by their ggml names in lower case (``q4_k``,
+``q8_0``, ``iq4_xs``: ``bitalloc.ggml.FORMATS``), which ``GgmlFormat`` simulates with ggml's
+own quantizer and which no bitalloc kernel runs. ``get_format`` parses any such name, not only
+the listed ones.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from bitalloc import ggml
 from bitalloc.kernels.packing import packed_nbytes
 
 INT_BITS = (2, 3, 4, 5, 6, 8)
@@ -103,6 +108,11 @@ class Format(ABC):
     @property
     def is_keep(self) -> bool:
         return False
+
+    @property
+    def has_codes(self) -> bool:
+        """Whether ``quantize`` gives bitalloc's codes and scales; a format without them is only simulated."""
+        return not self.is_keep
 
     @abstractmethod
     def nbytes(self, shape: tuple[int, int]) -> int:
@@ -280,6 +290,88 @@ class KeepFormat(Format):
         return w.to(self.dtype).to(w.dtype)
 
 
+@dataclass(frozen=True, repr=False)
+class GgmlFormat(Format):
+    """One of llama.cpp's tensor types (``q4_k``, ``q8_0``, ``iq4_xs``), quantized by ggml itself.
+
+    The bytes and the error are those of the tensor llama-quantize writes from the 16-bit GGUF
+    that ``convert_hf_to_gguf.py --outtype f16`` makes: the weight rounded to float16, quantized
+    by ggml's ``ggml_quantize_chunk`` (ctypes on the library that ``bitalloc llamacpp build``
+    builds) and read back by ``gguf``'s dequantizer. GGUF stores a ``[N, K]`` weight as ``N``
+    rows of ``K``; where the type's block does not divide ``K``, llama.cpp writes its fallback
+    type (``ggml_type_for``), and so do the bytes and the simulation here.
+
+    No bitalloc kernel runs these blocks, so ``quantize`` refuses: the search simulates them
+    (``fake_quantize``), and llama-quantize builds the model (a GGUF, not bitalloc's artifact).
+    ``importance`` is llama.cpp's importance matrix (``--imatrix``): bitalloc's calibration-aware
+    method ``gptq`` means, for these types, llama.cpp's own calibration-aware rounding, weighted by
+    the mean squared activation of each input column of the calibration Hessians GPTQ uses
+    (``quantizers.importance_matrix``; ``rtn`` passes none).
+    """
+
+    label: str
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.label
+
+    @property
+    def ggml_type(self) -> str:
+        """The ggml type asked for (``Q4_K``); rows it does not fit get ``ggml_type_for``'s."""
+        return self.label.upper()
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        """The code width (``q4_k``, ``iq4_xs``, ``mxfp4`` -> 4); bytes come from the blocks."""
+        return int(re.search(r"\d", self.label)[0])
+
+    @property
+    def group_size(self) -> int:  # type: ignore[override]
+        """Weights per block: 256 for k-quants, IQ4_XS and IQ3_S, 32 for the others."""
+        return ggml.block(self.ggml_type)[0]
+
+    @property
+    def has_codes(self) -> bool:
+        return False
+
+    def ggml_type_for(self, shape: tuple[int, int]) -> str:
+        """The type llama-quantize writes for a ``[N, K]`` weight: this one, its fallback, or F16."""
+        return ggml.stored_type(self.ggml_type, shape[1])
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        n, k = shape
+        weights, size = ggml.block(self.ggml_type_for(shape))
+        return n * (k // weights) * size
+
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        raise TypeError(f"{self.name} is llama.cpp's type: bitalloc's kernels have no layout for it; "
+                        f"use fake_quantize, or build a GGUF with llama-quantize")
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        raise TypeError(f"{self.name} is llama.cpp's type: its blocks are decoded by decode()")
+
+    def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
+        """The blocks llama-quantize writes for ``w`` ``[N, K]``: uint8 ``[N, row bytes]``
+        (float16 values when the row fits no quantized type)."""
+        from bitalloc.quant.llamacpp.ggml_lib import quantize_rows
+
+        rows = w.detach().to(torch.float16)
+        stored = self.ggml_type_for(tuple(w.shape))
+        if stored == "F16":
+            return rows.cpu().numpy().view(np.uint8)
+        imatrix = None if importance is None else importance.detach().float().cpu().numpy()
+        return quantize_rows(stored, rows.float().cpu().numpy(), imatrix)
+
+    def decode(self, blocks: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+        """The float32 ``[N, K]`` matrix that ``encode``'s blocks stand for."""
+        from bitalloc.quant.llamacpp.ggml_lib import dequantize_rows
+
+        return torch.from_numpy(dequantize_rows(self.ggml_type_for(shape), blocks)).reshape(shape)
+
+    def fake_quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(w, importance), tuple(w.shape)).to(device=w.device, dtype=w.dtype)
+
+
 def minifloat_levels(exponent_bits: int, mantissa_bits: int, *, nan_top: bool) -> tuple[float, ...]:
     """Every value of a sign/exponent/mantissa float with no infinities, indexed by bit pattern.
 
@@ -314,7 +406,8 @@ _NAME = re.compile(
     r"^(?:int(?P<bits>\d+)_(?:g(?P<group>\d+)|(?P<pc>pc))(?P<asym>_asym)?"
     r"|(?P<nf4>nf4)(?:_g(?P<nf4_group>\d+))?"
     r"|(?P<fp>fp8_e4m3|fp6_e3m2|fp4_e2m1)(?:_g(?P<fp_group>\d+)|_(?P<fp_pc>pc))?"
-    r"|(?P<keep>bf16|fp16))$"
+    r"|(?P<keep>bf16|fp16)"
+    r"|(?P<ggml>" + "|".join(t.lower() for t in ggml.FORMATS) + "))$"
 )
 
 
@@ -334,7 +427,8 @@ def get_format(name: str) -> Format:
     if not match:
         raise ValueError(
             f"unknown format {name!r}: expected int{{2,3,4,5,6,8}}_g{{G}}|_pc[_asym], nf4[_g{{G}}], "
-            f"fp8_e4m3, fp6_e3m2, fp4_e2m1 [_g{{G}}|_pc], bf16 or fp16"
+            f"fp8_e4m3, fp6_e3m2, fp4_e2m1 [_g{{G}}|_pc], bf16, fp16, or a llama.cpp type: "
+            f"{', '.join(t.lower() for t in ggml.FORMATS)}"
         )
     if match["bits"]:
         bits = int(match["bits"])
@@ -350,6 +444,8 @@ def get_format(name: str) -> Format:
         label = match["fp"] if group == default_group else f"{match['fp']}_{'pc' if group is None else f'g{group}'}"
         levels = minifloat_levels(exponent, mantissa, nan_top=nan_top)
         return LookupFormat(label, 1 + exponent + mantissa, group, levels)
+    if match["ggml"]:
+        return GgmlFormat(match["ggml"])
     return KeepFormat(match["keep"], torch.bfloat16 if match["keep"] == "bf16" else torch.float16)
 
 

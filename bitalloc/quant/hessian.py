@@ -8,13 +8,15 @@ the same input (a tie group such as q/k/v) share one matrix, computed once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from bitalloc.quant.calibration import CalibrationSet
+from bitalloc.quant.device import module_device, to_device
 from bitalloc.quant.progress import ProgressFn
+from bitalloc.quant.quantizers import importance_matrix
 from bitalloc.quant.units import Unit, UnitSet, is_transposed_conv1d
 
 
@@ -30,6 +32,50 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no input view for {type(module).__name__}")
 
 
+class HessianSums:
+    """Hooks that sum ``X^T X`` over every input a set of modules sees, while they are installed.
+
+    Used as a context manager around forward passes: of the whole model (``collect_hessians``),
+    or of one decoder block at a time (``quant.stream``). Members of a tie group get the same
+    tensor object as their group's first unit: one hook, one matrix.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], units: Sequence[Unit],
+                 tie_groups: Sequence[Sequence[str]] = ()) -> None:
+        self.modules = modules
+        self.units = [u for u in units if u.kind == "weight"]
+        self.leader = {name: group[0] for group in tie_groups for name in group}
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def accumulate(module: nn.Module, args: tuple) -> None:
+            rows = _input_rows(module, args[0].detach()).float()
+            # float32 products per batch (fast), float64 running sum (no drift over many batches).
+            update = (rows.T @ rows).double()
+            self.sums[name] = update if name not in self.sums else self.sums[name] + update
+        return accumulate
+
+    def __enter__(self) -> "HessianSums":
+        owners = [u.name for u in self.units if self.leader.get(u.name, u.name) == u.name]
+        self._handles = [self.modules[name].register_forward_pre_hook(self._hook(name)) for name in owners]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``{unit name: H}`` in float32, tie-group members sharing their leader's matrix. Each float64
+        sum is released as it is converted (never both copies of every matrix at once): call it once."""
+        result = {name: self.sums.pop(name).float() for name in list(self.sums)}
+        for unit in self.units:
+            if unit.name not in result and self.leader.get(unit.name) in result:
+                result[unit.name] = result[self.leader[unit.name]]
+        return result
+
+
 def collect_hessians(
     model: nn.Module,
     units: Sequence[Unit],
@@ -41,43 +87,40 @@ def collect_hessians(
     """``{unit name: H}`` (float32 ``[K, K]``, summed over all calibration tokens).
 
     ``batches`` are model inputs: token-id tensors for a language model, or argument
-    dicts. Members of a tie group get the same tensor object as their group's first unit.
+    dicts, moved to the model's device as they are run.
     """
-    modules = dict(model.named_modules())
-    leader = {name: group[0] for group in tie_groups for name in group}
-    owners = [u.name for u in units if u.kind == "weight" and leader.get(u.name, u.name) == u.name]
-    hessians: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook(name: str):
-        def accumulate(module: nn.Module, args: tuple) -> None:
-            rows = _input_rows(module, args[0].detach()).float()
-            # float32 products per batch (fast), float64 running sum (no drift over many batches).
-            update = (rows.T @ rows).double()
-            hessians[name] = update if name not in hessians else hessians[name] + update
-        return accumulate
-
-    for name in owners:
-        handles.append(modules[name].register_forward_pre_hook(hook(name)))
+    device = module_device(model)
     batches = list(batches)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                model(**batch) if isinstance(batch, dict) else model(batch)
-                if progress:
-                    progress(i + 1, len(batches), "hessians")
-    finally:
-        for handle in handles:
-            handle.remove()
-    result = {name: h.float() for name, h in hessians.items()}
-    for unit in units:
-        if unit.kind == "weight" and unit.name not in result and leader.get(unit.name) in result:
-            result[unit.name] = result[leader[unit.name]]
-    return result
+    with torch.no_grad(), HessianSums(dict(model.named_modules()), units, tie_groups) as sums:
+        for i, batch in enumerate(batches):
+            batch = to_device(batch, device)
+            model(**batch) if isinstance(batch, dict) else model(batch)
+            if progress:
+                progress(i + 1, len(batches), "hessians")
+    return sums.result()
+
+
+class Hessians(dict):
+    """``{unit name: H}`` and the number of calibration samples (``tokens``) each sum ran over.
+
+    The count turns a sum into a mean: llama.cpp's importance matrix (``importance``) is the mean
+    squared activation, and ggml's rounding depends on its exact float values (a global scale
+    changes the weighted fit only through float rounding, yet that flips a few blocks), so the
+    simulation and the imatrix file a GGUF build writes divide by this same count.
+    """
+
+    def __init__(self, sums: Mapping[str, torch.Tensor], tokens: int) -> None:
+        super().__init__(sums)
+        self.tokens = tokens
+
+    def importance(self, name: str) -> torch.Tensor:
+        """Unit ``name``'s importance matrix, as ``llama-quantize --imatrix`` reads it."""
+        return importance_matrix(self[name], self.tokens)
 
 
 def calibration_hessians(model: nn.Module, units: UnitSet, calibration: CalibrationSet, *,
-                         batch_size: int = 4, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
-    """``collect_hessians`` for a unit set (its tie groups shared) over a calibration set."""
-    return collect_hessians(model, units.weights, calibration.batches(batch_size),
-                            tie_groups=units.tie_groups, progress=progress)
+                         batch_size: int = 4, progress: ProgressFn | None = None) -> Hessians:
+    """``collect_hessians`` for a unit set (its tie groups shared) over a calibration set: every
+    Linear unit of a language model sees each of its ``samples`` tokens once."""
+    return Hessians(collect_hessians(model, units.weights, calibration.batches(batch_size),
+                                     tie_groups=units.tie_groups, progress=progress), calibration.samples)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bitalloc.quant.evaluate import Assignment, Evaluator, applied, kl_sum, model_logits, simulated
+from bitalloc.quant.hessian import Hessians
 from bitalloc.quant.metrics.fisher_mse import frozen
 from bitalloc.quant.quantizers import Method
 from bitalloc.quant.units import as_matrix, weight_matrix
@@ -40,7 +41,7 @@ class KLGradient:
 
     def __init__(self, evaluator: Evaluator, unit_names: Sequence[str], format_names: Sequence[str],
                  allowed: np.ndarray, *, method: Method = "rtn",
-                 hessians: Mapping[str, torch.Tensor] | None = None) -> None:
+                 hessians: Hessians | None = None) -> None:
         self.evaluator, self.method, self.hessians = evaluator, method, hessians
         self.unit_names, self.format_names, self.allowed = list(unit_names), list(format_names), allowed
         modules = dict(evaluator.model.module.named_modules())

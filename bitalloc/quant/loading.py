@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bitalloc.quant.plugins import load_plugins
+from bitalloc.quant.units import UnitSet, enumerate_units
 
 MODULE_MANIFEST = "bitalloc_model.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -80,6 +81,10 @@ class LoadedModel:
     def is_causal_lm(self) -> bool:
         return self.tokenizer is not None
 
+    def units(self, *, kv_cache: bool = False) -> UnitSet:
+        """The model's units, tie groups found by running ``example_inputs`` (``units.enumerate_units``)."""
+        return enumerate_units(self.module, example_inputs=self.example_inputs, kv_cache=kv_cache)
+
 
 Factory = Callable[[], LoadedModel]
 Scheme = Callable[[str], Path]
@@ -118,19 +123,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtypes a model may run in, by the names jobs use (``--dtype``)."""
 
 
-def model_dtype(name: str) -> torch.dtype:
-    """``fp32``, ``bf16`` or ``fp16``; ``auto`` is fp32 while every step computes on the CPU, where
-    16-bit matmuls gain nothing. Whatever the model runs in, Hessians, Fisher and KL sums
-    accumulate in float32 or wider."""
+def model_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """``fp32``, ``bf16`` or ``fp16``; ``auto`` is bf16 on a GPU (half the memory and traffic, the
+    precision models are trained and served in) and fp32 on the CPU, where 16-bit matmuls gain
+    nothing. Whatever the model runs in, Hessians, Fisher and KL sums accumulate in float32 or wider."""
     if name == "auto":
-        return torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``spec`` in ``dtype`` and eval mode; ``ModelLoadError`` says why when it cannot."""
+def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load ``spec`` in ``dtype`` and eval mode onto ``device``; ``ModelLoadError`` says why when it cannot."""
     check_model_spec(spec, policy)
     spec = spec.strip()
     if spec.startswith("factory:"):
@@ -148,8 +154,27 @@ def load_model(spec: str, policy: LoadPolicy = LoadPolicy(), dtype: torch.dtype 
         raise ModelLoadError(f"model spec {spec!r} is neither a path, a hub id (org/name), "
                              f"factory:NAME nor one of {sorted(f'{prefix}:NAME' for prefix in _SCHEMES)}")
     loaded.spec = spec
-    loaded.module.to(dtype).eval()
+    loaded.module.to(device=device, dtype=dtype).eval()
     return loaded
+
+
+def model_folder(spec: str, policy: LoadPolicy = LoadPolicy()) -> Path | None:
+    """The local transformers folder with safetensors weights that ``spec`` names, which a model can
+    be streamed from block by block; None for a factory, a hub id, a ``.gguf`` or a plain module."""
+    check_model_spec(spec, policy)
+    spec = spec.strip()
+    if spec.startswith("factory:"):
+        return None
+    if (scheme := spec.partition(":")[0]) in _SCHEMES:
+        path = _SCHEMES[scheme](spec.partition(":")[2])
+    elif _looks_like_path(spec):
+        path = Path(spec).expanduser()
+    else:
+        return None
+    if path.is_dir() and (path / "config.json").exists() and not (path / MODULE_MANIFEST).exists() \
+            and any(path.glob("*.safetensors")):
+        return path
+    return None
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -23,20 +23,25 @@ import torch
 
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.costs import LatencyModel, unit_bytes
-from bitalloc.quant.formats import Format
+from bitalloc.quant.device import module_device
+from bitalloc.quant.formats import Format, GgmlFormat
 from bitalloc.quant.kv import KVOptions
+from bitalloc.quant.llamacpp.tools import VERSION as LLAMACPP_VERSION
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.streamed import streamed_errors
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import Unit, UnitSet
 
 FORMAT_VERSION = 1
-KEY_VERSION = 2
+KEY_VERSION = 3
 """What a profile key covers. 2: also the windows' prefix (BOS), each cache's sliding window, and
-the latency ``hardware`` (was ``device``). A profile cached under an older key is not found by a
-newer one: it is computed anew, and ``ProfileCache`` says so once."""
+the latency ``hardware`` (was ``device``). 3: also the compute device type and dtype the model ran
+in. A profile cached under an older key is not found by a newer one: it is computed anew, and
+``ProfileCache`` says so once."""
 log = logging.getLogger("bitalloc.profile")
 
 
@@ -112,16 +117,35 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def compute_of(model: LoadedModel) -> dict[str, str]:
+    """Where and in what the model computes (``cpu``/``cuda``, ``float32``/``bfloat16``/...): both change
+    a profile's numbers, so both are in its key and its meta. The device's index is not: ``cuda:1``
+    computes what ``cuda:0`` does."""
+    dtype = next(model.module.parameters()).dtype
+    return {"device": module_device(model.module).type, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def model_identity(model: LoadedModel) -> str:
+    """The model's fingerprint: of its checkpoint files when it streams (its weights are not in
+    memory to hash), of its parameters otherwise."""
+    if isinstance(model, StreamedModel):
+        return "checkpoint:" + model.checkpoint.fingerprint()
+    return model_fingerprint(model.module)
+
+
 def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, formats: list[Format],
-                method: Method, units: UnitSet, kv: KVOptions | None, hardware: str) -> str:
-    """A hash of everything that determines a profile's numbers."""
+                method: Method, units: UnitSet, kv: KVOptions | None, hardware: str,
+                compute: dict[str, str] | None = None) -> str:
+    """A hash of everything that determines a profile's numbers (``compute``: ``compute_of`` the model)."""
     payload = {
-        "model": fingerprint, "metric": metric, "calibration": calibration.describe(), "method": method,
+        "compute": compute, "model": fingerprint, "metric": metric, "calibration": calibration.describe(), "method": method,
         "formats": [f.name for f in formats], "units": units.names(), "ties": units.tie_groups,
         "windows": {u.name: u.window for u in units.units if u.window is not None},
         "kv": None if kv is None else asdict(kv), "hardware": hardware, "version": FORMAT_VERSION,
         "key_version": KEY_VERSION,
     }
+    if any(isinstance(f, GgmlFormat) for f in formats):  # ggml's quantizers are those of the pinned llama.cpp
+        payload["llama.cpp"] = LLAMACPP_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -158,7 +182,8 @@ def build_profile(
     metric_fn = get_metric(metric)
     start = time.perf_counter()
     ctx = ProfilingContext(model, units, formats, calibration, method, progress=progress, options=options or {})
-    weight_errors = metric_fn(ctx)
+    streamed = isinstance(model, StreamedModel)
+    weight_errors = streamed_errors(ctx, metric) if streamed else metric_fn(ctx)
     error = np.zeros((len(units), len(formats)))
     weight_rows = [i for i, u in enumerate(units.units) if u.kind == "weight"]
     error[weight_rows] = weight_errors
@@ -172,7 +197,7 @@ def build_profile(
     meta = {
         "model": model.spec, "metric": metric, "method": method, "calibration": calibration.describe(),
         "formats": [f.name for f in formats], "latency_source": latency_model.source, "hardware": hardware,
-        "dtype": str(next(model.module.parameters()).dtype).removeprefix("torch."),
+        **compute_of(model), "streamed": streamed,
         "kv": None if kv is None else asdict(kv), "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -191,8 +216,8 @@ class ProfileCache:
     def get_or_build(self, model: LoadedModel, units: UnitSet, formats: list[Format], metric: str,
                      calibration: CalibrationSet, **kwargs) -> tuple[Profile, bool]:
         """The cached profile (and ``True``), or a freshly built and stored one (and ``False``)."""
-        key = profile_key(model_fingerprint(model.module), metric, calibration, formats,
-                          kwargs.get("method", "rtn"), units, kwargs.get("kv"), kwargs.get("hardware", "h100"))
+        key = profile_key(model_identity(model), metric, calibration, formats, kwargs.get("method", "rtn"), units,
+                          kwargs.get("kv"), kwargs.get("hardware", "h100"), compute_of(model))
         path = self.path(key)
         if path.exists():
             return Profile.load(path), True
@@ -218,7 +243,8 @@ class ProfileCache:
                 continue
         if older:
             log.warning("%d cached profile(s) in %s were keyed by an earlier bitalloc (key version < %d: before "
-                        "the window prefix, sliding windows and the latency hardware were part of the key); they "
+                        "the window prefix, sliding windows, the latency hardware, the compute device and dtype "
+                        "were part of the key); they "
                         "are not reused, so this profile is computed anew", older, self.root, KEY_VERSION)
         return older
 

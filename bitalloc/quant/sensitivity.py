@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitalloc.quant.device import module_device, to_device
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.units import Unit, is_transposed_conv1d, weight_matrix
 
@@ -143,6 +144,7 @@ def activation_statistics(model: nn.Module, units: Sequence[Unit], batches: Iter
             for i, batch in enumerate(batches):
                 if limit is not None and taken["samples"] >= limit:
                     break
+                batch = to_device(batch, module_device(model))
                 model(**batch) if isinstance(batch, dict) else model(batch)
                 first = next(iter(batch.values())) if isinstance(batch, dict) else batch
                 taken["samples"] += len(first)

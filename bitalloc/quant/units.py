@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from bitalloc.quant.device import module_device, to_device
 
 UnitKind = Literal["weight", "kv_key", "kv_value"]
 
@@ -156,6 +158,7 @@ def shared_input_groups(model: nn.Module, names: Sequence[str], example_inputs: 
     for name, module in model.named_modules():
         if name in wanted:
             handles.append(module.register_forward_pre_hook(hook(name)))
+    example_inputs = to_device(example_inputs, module_device(model))
     try:
         with torch.no_grad():
             if isinstance(example_inputs, dict):
@@ -228,15 +231,19 @@ def enumerate_units(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     example_inputs: dict | tuple | None = None,
     kv_cache: bool = False,
+    find_groups: Callable[[list[str]], list[list[str]]] | None = None,
 ) -> UnitSet:
     """The model's units and tie groups.
 
     With ``example_inputs`` the tie groups come from one forward pass (shared inputs);
-    without, from ``FUSED_SIBLINGS`` name patterns. ``kv_cache`` adds the KV units.
+    without, from ``FUSED_SIBLINGS`` name patterns; ``find_groups(names)`` replaces both (a
+    streamed model finds them block by block). ``kv_cache`` adds the KV units.
     """
     units = weight_units(model, include, exclude)
     names = [u.name for u in units]
-    if example_inputs is not None:
+    if find_groups is not None:
+        groups = find_groups(names)
+    elif example_inputs is not None:
         groups = shared_input_groups(model, names, example_inputs)
     else:
         groups = sibling_groups(names)

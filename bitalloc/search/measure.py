@@ -42,6 +42,19 @@ def windows(measure: Measure, allocation: Allocation, samples: int) -> np.ndarra
     return values
 
 
+def p_lower(current: np.ndarray, candidate: np.ndarray, confidence: float | None = 0.95) -> float:
+    """How likely a candidate measures this much lower than the current point by chance: a
+    one-sided paired t-test over the windows; with no test (one window, identical gains, or
+    ``confidence`` None), 0 when its mean is lower and 1 otherwise. Descent and the surrogate
+    accept a candidate when this is at most ``1 - confidence``."""
+    from scipy.stats import ttest_rel  # SciPy loads with the measured solvers, not with ``bitalloc.search``
+
+    gain = np.asarray(current) - np.asarray(candidate)
+    if confidence is None or len(gain) < 2 or np.ptp(gain) == 0.0:
+        return 0.0 if gain.mean() > 0 else 1.0
+    return float(ttest_rel(current, candidate, alternative="greater").pvalue)
+
+
 def mean(measure: Measure, allocation: Allocation, samples: int) -> float:
     """The mean over the windows: what refine and optuna compare."""
     return float(windows(measure, allocation, samples).mean())

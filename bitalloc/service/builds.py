@@ -1,11 +1,11 @@
-"""A point's packed artifact, built in the background and kept as one downloadable file.
+"""A point's quantized model, built in the background and kept as one downloadable file.
 
-A build is a job of kind ``artifact`` plus a ``Build`` row naming the point and the method,
-so it runs on the same workers under the same leases, retries and timeouts as a compression
-job. The worker writes the folder with ``quant.artifact.build_artifact`` (its manifest holds
-the provenance), packs it into one uncompressed tar (the weights are packed already) with
-fixed metadata, so the same build gives the same bytes, and stores the tar by sha256 as a
-``model`` artifact of the point's job, owned by the job's token.
+A build is a job of kind ``artifact`` plus a ``Build`` row naming the point, the method and
+the target (``quant.targets``: bitalloc's packed artifact, a GGUF, a compressed-tensors
+checkpoint), so it runs on the same workers under the same leases, retries and timeouts as a
+compression job. The worker writes the target's folder, packs it into one uncompressed tar
+with fixed metadata, so the same build gives the same bytes, and stores the tar by sha256 as
+a ``model`` artifact of the point's job, owned by the job's token.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from sqlalchemy.orm import Session
 
 from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.spec import JobSpec
-from bitalloc.quant.artifact import build_artifact
 from bitalloc.quant.calibration import calibration_for
+from bitalloc.quant.device import resolve_device
 from bitalloc.quant.loading import LoadPolicy, load_model, model_dtype
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.quantizers import Method
+from bitalloc.quant.targets import BuildRequest, build_target
 from bitalloc.service import jobs
 from bitalloc.service.models import LIVE_BUILD_STATES, ArtifactRecord, BuildRecord, JobRecord, PointRecord
 from bitalloc.service.schemas import JobCreate
@@ -39,21 +40,22 @@ from bitalloc.service.storage import BlobStore
 TAR = "application/x-tar"
 
 
-def request_hash(point_id: int, method: str) -> str:
+def request_hash(point_id: int, method: str, target: str) -> str:
     """What makes two build requests the same one (a point's id is global, so its token is implied)."""
-    return hashlib.sha256(json.dumps({"point_id": point_id, "method": method}, sort_keys=True).encode()).hexdigest()
+    request = {"point_id": point_id, "method": method, "target": target}
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
 def submit(
-    session: Session, parent: JobRecord, point_id: int, method: Method, settings: Settings
+    session: Session, parent: JobRecord, point_id: int, method: Method, target: str, settings: Settings
 ) -> tuple[BuildRecord, bool]:
-    """The live (queued, running or succeeded) build of this point and method, or a new queued one.
+    """The live (queued, running or succeeded) build of this point, method and target, or a new queued one.
 
     Returns ``(build, created)``. A failed or canceled build is not live, so asking again
     builds afresh. Two concurrent requests both try to insert; the partial unique index on
     live builds lets one win and the other returns the winner's build.
     """
-    digest = request_hash(point_id, method)
+    digest = request_hash(point_id, method, target)
     live = _live(session, digest)
     if live is not None:
         return live, False
@@ -62,12 +64,12 @@ def submit(
         kind="artifact",
         request_hash=digest,
         state="queued",
-        spec={"method": method},
+        spec={"method": method, "target": target},
         progress={},
         max_attempts=settings.max_attempts,
         timeout_seconds=settings.job_timeout,
     )
-    build = BuildRecord(job=job, parent_id=parent.id, point_id=point_id, method=method)
+    build = BuildRecord(job=job, parent_id=parent.id, point_id=point_id, method=method, target=target)
     try:
         with session.begin_nested():
             session.add(build)
@@ -76,7 +78,7 @@ def submit(
         if live is None:
             raise
         return live, False
-    jobs.add_log(session, job.id, f"queued: the {method} artifact of point {point_id} of job {parent.id}")
+    jobs.add_log(session, job.id, f"queued: the {target} build ({method}) of point {point_id} of job {parent.id}")
     return build, True
 
 
@@ -102,6 +104,7 @@ class BuildInputs:
     spec: JobSpec
     formats: dict[str, str]
     method: Method
+    target: str
     name: str
 
 
@@ -110,18 +113,19 @@ def inputs(session: Session, job_id: uuid.UUID) -> BuildInputs:
     build = session.get_one(BuildRecord, job_id)
     parent = session.get_one(JobRecord, build.parent_id)
     point = session.get_one(PointRecord, build.point_id)
-    name = f"bitalloc-{parent.id.hex[:8]}-point{point.id}-{build.method}"
+    name = f"bitalloc-{parent.id.hex[:8]}-point{point.id}-{build.method}-{build.target}"
     return BuildInputs(
         JobCreate.model_validate(parent.spec).to_spec(),
         dict(point.allocation.formats),
         cast(Method, build.method),
+        build.target,
         name,
     )
 
 
 @dataclass(frozen=True)
 class Packed:
-    """A built artifact's tar, already in the store."""
+    """A build's tar, already in the store, and what its target says it holds."""
 
     name: str
     sha256: str
@@ -130,10 +134,11 @@ class Packed:
 
 
 def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolicy, progress: ProgressFn) -> Packed:
-    """Build, pack and store the artifact. GPTQ fits on the parent job's own calibration set."""
+    """Build the target, pack and store it. GPTQ fits on the parent job's own calibration set."""
     check_inputs(build.spec, policy)
     progress(0, 1, "load")
-    model = load_model(build.spec.model, policy, model_dtype(build.spec.dtype))
+    device = resolve_device(build.spec.device)
+    model = load_model(build.spec.model, policy, model_dtype(build.spec.dtype, device), device)
     calibration = None
     if build.method == "gptq":
         spec = build.spec
@@ -143,16 +148,14 @@ def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolic
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:
         folder = Path(tmp) / build.name
-        artifact = build_artifact(
-            model, build.formats, folder, method=build.method, calibration=calibration, progress=progress
-        )
+        built = build_target(build.target, BuildRequest(model, build.formats, folder, method=build.method,
+                                                        calibration=calibration, progress=progress))
         progress(0, 1, "pack")
         tar = Path(tmp) / f"{build.name}.tar"
         pack(folder, tar)
         sha256, size = storage.put_file(tar)
         progress(1, 1, "pack")
-    manifest = {"layout": artifact.manifest["layout"], "bytes": artifact.manifest["bytes"]}
-    return Packed(tar.name, sha256, size, manifest)
+    return Packed(tar.name, sha256, size, built.summary)
 
 
 def pack(folder: Path, out: Path) -> None:
@@ -183,7 +186,8 @@ def store(session: Session, job_id: uuid.UUID, packed: Packed) -> ArtifactRecord
         media_type=TAR,
         sha256=packed.sha256,
         size=packed.size,
-        meta={"build_id": str(job_id), "point_id": build.point_id, "method": build.method, **packed.manifest},
+        meta={"build_id": str(job_id), "point_id": build.point_id, "method": build.method, "target": build.target,
+              **packed.manifest},
     )
     session.add(artifact)
     session.flush()

@@ -109,6 +109,9 @@ class Executor:
         result = run_job(JobCreate.model_validate(job.spec).to_spec(), profile_dir=settings.profile_dir,
                          policy=settings.load_policy(), progress=attempt.progress,
                          notify=lambda message: attempt.log(message, "warning"))
+        compute = result.compute
+        attempt.log(f"computed on {compute['device']} in {compute['dtype']}"
+                    f"{', the model streamed block by block' if compute['streamed'] else ''}")
         profile_path = settings.profile_dir / f"{result.profile.meta['key']}.npz"
 
         def store(session: Session) -> Outcome:

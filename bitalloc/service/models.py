@@ -40,8 +40,8 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED_STATES = ("succeeded", "failed", "canceled")
 # A job compresses (profile, front) or builds a point's packed artifact (with a ``Build`` row).
 JOB_KINDS = ("compress", "artifact")
-# At most one build per point and method is live (queued, running or succeeded); a failed or
-# canceled one may be followed by another. Builds' ``request_hash`` hashes (point, method).
+# At most one build per point, method and target is live (queued, running or succeeded); a failed or
+# canceled one may be followed by another. Builds' ``request_hash`` hashes (point, method, target).
 LIVE_BUILD_STATES = ("queued", "running", "succeeded")
 LIVE_BUILD = f"kind = 'artifact' AND state IN {LIVE_BUILD_STATES}"
 
@@ -233,7 +233,7 @@ class ArtifactRecord(Base):
 
 
 class BuildRecord(Base):
-    """A point's packed-artifact build, run by its own job (kind ``artifact``).
+    """A point's build for one target (``quant.targets``), run by its own job (kind ``artifact``).
 
     The job carries the lifecycle (queue, lease, retries, progress, log); this row says what
     it builds. ``parent_id`` is the succeeded job whose point it is; on success ``artifact_id``
@@ -245,6 +245,7 @@ class BuildRecord(Base):
     parent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     point_id: Mapped[int] = mapped_column(ForeignKey("points.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(32), server_default="bitalloc")
     artifact_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
 
     job: Mapped[JobRecord] = relationship(foreign_keys=[job_id], lazy="joined")

@@ -18,14 +18,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from bitalloc.pipeline.baselines import BASELINE_SPECS, BaselineRequest
 from bitalloc.pipeline.spec import KL_METRICS, JobSpec, check_target
 from bitalloc.quant.costs import BANDWIDTH, LatencyModel
+from bitalloc.quant.device import parse_bytes
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.metrics import METRICS
+from bitalloc.quant.targets import TargetName
 from bitalloc.search import Budgets, available
 
 
 def _solvers() -> list[str]:
-    """Solvers a job can name: those that need no options (``refine`` and ``descent`` need a measuring evaluator)."""
+    """Solvers a job can name: those that need no options (``refine``, ``descent`` and ``surrogate`` need a measuring evaluator)."""
     return sorted(name for name, cls in available().items()
                   if all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
                          for p in list(inspect.signature(cls.__init__).parameters.values())[1:]))
@@ -128,7 +130,10 @@ class JobCreate(Strict):
                         json_schema_extra={"enum": sorted(METRICS)})
     solver: str = Field("dp", description=f"Solver for the point at the budget: {', '.join(_solvers())}.",
                         json_schema_extra={"enum": _solvers()})
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq"] = Field("rtn", description="rtn (round to nearest), or gptq, the calibration-aware "
+                                           "method: GPTQ for integer formats, llama.cpp's importance matrix (the "
+                                           "calibration's mean squared activations, as llama-quantize --imatrix "
+                                           "uses it) for ggml types.")
     budgets: BudgetsIn = Field(default_factory=BudgetsIn)
     points: int = Field(32, ge=2, le=512, description="Budgets swept for the front.")
     kv_cache: KVCacheIn | None = None
@@ -138,10 +143,16 @@ class JobCreate(Strict):
                           "served on: its memory bandwidth (or measured kernel table) predicts latency. "
                           f"Known: {', '.join(sorted(BANDWIDTH))}.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="What the model runs in while "
-                                                           "the job measures it (auto: fp32 on the CPU); Hessian, "
-                                                           "Fisher and KL sums accumulate in fp32 or wider.")
-    device: str | None = Field(None, exclude=True, description="Renamed: the latency target is `hardware`.",
-                               json_schema_extra={"deprecated": True})
+                                                           "the job measures it (auto: bf16 on a GPU, fp32 on the "
+                                                           "CPU); Hessian, Fisher and KL sums accumulate in fp32 or "
+                                                           "wider.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the worker computes: auto "
+                        "(its first CUDA GPU when it has one, else cpu), cpu, cuda or cuda:N. Not `hardware`, the GPU "
+                        "latency is predicted for.")
+    max_memory: int | str | None = Field(None, description="Memory the model's weights may take on the device, in "
+                                         "bytes or like \"24GiB\" (default: what the device has free); a local "
+                                         "model whose weights do not fit is profiled block by block.")
+    stream: bool = Field(False, description="Profile a local model block by block even when its weights fit.")
     baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
                                  f"of solving: {', '.join(BASELINE_SPECS)}.")
     ties: bool = Field(True, description="Keep each tie group (fused q/k/v, gate/up) in one format, as vLLM needs; "
@@ -149,6 +160,11 @@ class JobCreate(Strict):
     descend: int = Field(0, ge=0, le=20, description="At most this many measured descent steps from the chosen "
                          "point: each solves the KL's local model (its gradient there) exactly and is kept only if "
                          "its KL on calibration text is lower; 0 skips them. Needs a metric in KL units.")
+    surrogate: int = Field(0, ge=0, le=50, description="Rounds of the measured interaction surrogate from the "
+                           "chosen point (after any descent steps): about 24 allocations near it and HAWQ-V3's are "
+                           "measured, a model of KL with pairwise terms is fitted and solved exactly, its answer "
+                           "measured and the model refitted, each round; kept only if confirmed on other windows. "
+                           "0 skips it.")
     refine: int = Field(0, ge=0, le=500, description="Generations of measured (EvoPress-style) refinement of the "
                         "chosen point (after any descent steps), by KL on calibration text; 0 skips it.")
 
@@ -184,12 +200,18 @@ class JobCreate(Strict):
         LatencyModel(hardware).bandwidth  # raises ValueError naming the known hardware
         return hardware
 
-    @field_validator("device")
+    @field_validator("device", mode="before")
     @classmethod
-    def _device_was_renamed(cls, device: str | None) -> None:
-        if device is not None:
-            raise ValueError(f"the latency target is now named hardware: send \"hardware\": {json.dumps(device)}; "
-                             "device will name where a job computes")
+    def _device_is_not_hardware(cls, device: object) -> object:
+        if isinstance(device, str) and device in BANDWIDTH and device != "cpu":
+            raise ValueError(f"device is where the job computes (auto, cpu, cuda, cuda:N); the latency target is "
+                             f"named hardware: send \"hardware\": {json.dumps(device)}")
+        return device
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, max_memory: int | str | None) -> int | None:
+        return None if max_memory is None else parse_bytes(max_memory)
 
     @field_validator("budgets")
     @classmethod
@@ -227,9 +249,11 @@ class JobCreate(Strict):
                        points=self.points,
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, bos=self.calibration.bos,
-                       kv=kv, hardware=self.hardware, dtype=self.dtype,
+                       kv=kv, hardware=self.hardware, dtype=self.dtype, device=self.device,
+                       max_memory=self.max_memory, stream=self.stream,  # type: ignore[arg-type]
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
-                       baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties)
+                       baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties,
+                       surrogate=self.surrogate)
 
 
 class Progress(BaseModel):
@@ -280,7 +304,7 @@ class PointOut(BaseModel):
     bytes: int
     error: float = Field(description="Predicted error (the profile's metric, summed over units).")
     latency: float | None = Field(description="Predicted decode-step latency, seconds.")
-    measured_kl: float | None = Field(description="Measured KL once a descent or refine step has measured this point.")
+    measured_kl: float | None = Field(description="Measured KL once a descent, surrogate or refine step has measured this point.")
     on_front: bool
     chosen: bool = Field(description="The point solved at the job's budget.")
 
@@ -363,7 +387,12 @@ class BuildCreate(Strict):
     """How to quantize the point's artifact."""
 
     method: Literal["rtn", "gptq"] = Field("rtn", description="rtn, or gptq (fits integer units on the job's "
-                                                               "calibration set).")
+                                                               "calibration set; ggml types get llama.cpp's "
+                                                               "importance matrix of it, --imatrix).")
+    target: TargetName = Field("bitalloc", description="What to write: bitalloc (the packed artifact for bitalloc's "
+                                                       "kernels), gguf (a GGUF made by llama.cpp's llama-quantize) "
+                                                       "or compressed-tensors (a checkpoint that vLLM "
+                                                       "loads).")
 
 
 class BuildArtifact(BaseModel):
@@ -380,6 +409,7 @@ class BuildOut(BaseModel):
     job_id: uuid.UUID = Field(description="The job whose point is built.")
     point_id: int
     method: Literal["rtn", "gptq"]
+    target: TargetName
     state: Literal["queued", "running", "succeeded", "failed", "canceled"]
     progress: Progress
     error: str | None

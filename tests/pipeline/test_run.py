@@ -103,7 +103,10 @@ def test_cli_build_and_generate_an_artifact(tmp_path, zoo):
     out = tmp_path / "artifact"
     done = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc), "--out", str(out)])
     assert done.exit_code == 0, done.output
-    assert (out / "bitalloc_artifact.json").exists()
+    assert (out / "bitalloc_artifact.json").exists() and f"-> {out}" in done.output
+    refused = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc),
+                                  "--out", str(tmp_path / "other"), "--target", "onnx"])
+    assert refused.exit_code == 1 and "--target 'onnx': choose one of bitalloc, gguf, compressed-tensors" in refused.output
     done = runner.invoke(app, ["generate", "--artifact", str(out), "--prompt", "The nation", "--max-new-tokens", "3"])
     assert done.exit_code == 0 and done.output.startswith("The nation"), done.output
     done = runner.invoke(app, ["generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"])

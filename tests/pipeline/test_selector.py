@@ -65,6 +65,17 @@ def test_descent_then_refinement_keep_the_size_and_never_measure_worse(tmp_path,
     assert both.measured <= both.info["start_measured"]
 
 
+@pytest.mark.slow  # HAWQ-V3's Hessian traces, its seed, take most of it
+def test_the_surrogate_step_completes_within_the_size_and_never_measures_worse(tmp_path, zoo):
+    start = run_job(spec(evaluation=None), profile_dir=tmp_path).chosen
+    result = run_job(spec(surrogate=2, fitness_windows=4), profile_dir=tmp_path)
+    chosen = result.chosen
+    assert chosen.solver == "surrogate" and chosen.bytes <= start.bytes
+    assert chosen.measured <= chosen.info["start_measured"]
+    assert chosen.info["evaluations"] >= 2 and result.evaluation["kl"] >= 0
+    assert JobCreate(model="factory:tiny-llama", formats=["int4_g32"], surrogate=3).to_spec().surrogate == 3
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"baseline": "llama.cpp:Q9_K"}, "unknown llama.cpp type"),
     ({"baseline": "layers:int4_g32"}, "LOW/HIGH"),
@@ -75,6 +86,7 @@ def test_descent_then_refinement_keep_the_size_and_never_measure_worse(tmp_path,
     ({"budgets": {"kl": 0.1}, "metric": "output_mse"}, "KL units"),
     ({"descend": 2, "metric": "output_mse"}, "KL units"),
     ({"descend": 21}, "less than or equal to 20"),
+    ({"surrogate": -1}, "greater than or equal to 0"),
 ])
 def test_bad_choices_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValidationError, match=message):

@@ -176,7 +176,8 @@ def test_a_corrupt_artifact_is_refused_naming_what_is_wrong(tiny_artifact, tmp_p
 @pytest.mark.parametrize("allocation, message", [
     ({"model.layers.0.mlp.no_such_proj": "int4_g128"}, r"names unit 'model\.layers\.0\.mlp\.no_such_proj', which"),
     ({"model.layers.0.mlp.up_proj": "int7_g128"}, r"unit 'model\.layers\.0\.mlp\.up_proj': format 'int7_g128'"),
-    ({"model.layers.0.mlp.up_proj": "q4_k"}, r"unknown format 'q4_k'"),
+    ({"model.layers.0.mlp.up_proj": "q9_k"}, r"unknown format 'q9_k'"),
+    ({"model.layers.0.mlp.up_proj": "q4_k"}, r"q4_k is a llama.cpp \(ggml\) type.*--target gguf"),
     ({"lm_head": "int8_g128"}, r"one tied tensor"),
 ])
 def test_a_bad_allocation_is_refused_before_anything_is_written(tiny_llama, tmp_path, allocation, message):

@@ -1,5 +1,6 @@
-"""A point's packed artifact, built as a background job: end to end on the embedded default and on
-PostgreSQL + RQ, and what must hold around it (ownership, conflicts, idempotency, failure)."""
+"""A point's build, as a background job: bitalloc's packed artifact end to end on the embedded default
+and on PostgreSQL + RQ, and what must hold around it (ownership, conflicts, idempotency, failure); a
+GGUF and a compressed-tensors checkpoint of a point, downloaded and read back by their own libraries."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import tarfile
 import uuid
 
 import pytest
+import torch
 from rq import SimpleWorker
 from service_helpers import bearer, job_body, running_app, wait_until_finished
 from sqlalchemy import select, update
 
 from bitalloc.quant.artifact import ArtifactError, load_artifact
+from bitalloc.quant.llamacpp import tools as llamacpp_tools
 from bitalloc.service import builds, models, worker
 from bitalloc.service.settings import Settings
 
@@ -74,7 +77,8 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
         response = client.post(url, json={"method": "rtn"}, headers=owner)
         assert response.status_code == 202, response.text
         build = response.json()
-        assert build["state"] in ("queued", "running") and build["artifact"] is None and build["method"] == "rtn"
+        assert build["state"] in ("queued", "running") and build["artifact"] is None
+        assert (build["method"], build["target"]) == ("rtn", "bitalloc")
         assert (build["job_id"], build["point_id"]) == (job_id, point["id"])
         assert response.headers["Location"] == f"/v1/builds/{build['id']}"
         again = client.post(url, headers=owner)  # no body: rtn
@@ -98,7 +102,7 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
         def broken(*args, **kwargs):
             raise ArtifactError("allocation: this build was made to fail")
 
-        monkeypatch.setattr(builds, "build_artifact", broken)
+        monkeypatch.setattr(builds, "build_target", broken)
         failing = client.post(url, json={"method": "gptq"}, headers=owner).json()
         failed = wait_for_build(client, owner, failing["id"])
         assert failed["state"] == "failed" and failed["error"] == "allocation: this build was made to fail"
@@ -142,7 +146,7 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
         assert profiles and sorted(ctx.storage.blobs()) == sorted(profiles)  # the tars went; the cached profile stays
 
 
-def test_a_build_needs_a_succeeded_job_its_point_and_a_known_method(tmp_path):
+def test_a_build_needs_a_succeeded_job_its_point_and_a_known_method_and_target(tmp_path):
     with running_app(Settings(data_dir=tmp_path / "data", worker_threads=0, reaper_seconds=3600)) as (client, ctx):
         owner, other = bearer(ctx, "owner"), bearer(ctx, "other")
         job_id = client.post("/v1/jobs", json=job_body(), headers=owner).json()["id"]
@@ -150,6 +154,8 @@ def test_a_build_needs_a_succeeded_job_its_point_and_a_known_method(tmp_path):
         assert response.status_code == 409 and "job is queued" in response.json()["detail"]
         response = client.post(f"/v1/jobs/{job_id}/points/1/artifact", json={"method": "awq"}, headers=owner)
         assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "method"]
+        response = client.post(f"/v1/jobs/{job_id}/points/1/artifact", json={"target": "onnx"}, headers=owner)
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "target"]
         response = client.post(f"/v1/jobs/{job_id}/points/1/artifact", json={"colour": "blue"}, headers=owner)
         assert response.status_code == 422
         with ctx.sessions.begin() as session:  # succeeded, yet point 1 is not in its (missing) front
@@ -208,3 +214,60 @@ def test_build_on_postgres_and_rq(queued_settings, tmp_path, monkeypatch, zoo):
         build = client.get(f"/v1/builds/{second.json()['id']}", headers=owner).json()
         check_built(client, ctx, owner, build, point, tmp_path)
         assert client.post(f"/v1/builds/{build['id']}/cancel", headers=owner).status_code == 409
+
+
+def download_tar(client, headers: dict, build: dict, out) -> list:
+    """The build's tar, unpacked under ``out``: its one folder's files by name."""
+    assert build["state"] == "succeeded", build
+    response = client.get(f"/v1/artifacts/{build['artifact']['id']}", headers=headers)
+    assert hashlib.sha256(response.content).hexdigest() == build["artifact"]["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        tar.extractall(out, filter="data")
+    (folder,) = out.iterdir()
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(llamacpp_tools.find() is None, reason="llama.cpp's tools are not built (bitalloc llamacpp build)")
+def test_a_point_of_ggml_types_builds_as_a_gguf_that_holds_its_types(embedded_settings, tmp_path, zoo):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from bitalloc.quant.gguf_names import gguf_name
+
+    with running_app(embedded_settings) as (client, ctx):
+        owner = bearer(ctx, "owner")
+        job_id = client.post("/v1/jobs", json=job_body(formats=["q4_0", "q8_0"], budgets={"avg_bits": 6.0}),
+                             headers=owner).json()["id"]
+        wait_until_finished(client, owner, job_id)
+        point = chosen_point(client, owner, job_id)
+        url = f"/v1/jobs/{job_id}/points/{point['id']}/artifact"
+        # gptq: llama-quantize --imatrix of the job's calibration set (the service gives the build its calibration)
+        response = client.post(url, json={"target": "gguf", "method": "gptq"}, headers=owner)
+        assert response.status_code == 202 and response.json()["target"] == "gguf"
+        build = wait_for_build(client, owner, response.json()["id"])
+        folder = download_tar(client, owner, build, tmp_path / "gguf")
+    types = {t.name: GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(folder / "model.gguf").tensors}
+    assert {f"{gguf_name(unit)}.weight": fmt.upper() for unit, fmt in point["formats"].items()}.items() <= types.items()
+    imatrix = {t.name for t in GGUFReader(folder / "imatrix.gguf").tensors}
+    assert {f"{gguf_name(unit)}.weight.in_sum2" for unit in point["formats"]} <= imatrix
+    assert set(point["formats"].values()) == {"q4_0", "q8_0"}  # the budget mixes both
+
+
+@pytest.mark.slow
+def test_a_point_builds_as_a_compressed_tensors_checkpoint_transformers_loads(embedded_settings, tmp_path, zoo):
+    from transformers import AutoModelForCausalLM
+
+    with running_app(embedded_settings) as (client, ctx):
+        owner = bearer(ctx, "owner")
+        job_id = client.post("/v1/jobs", json=job_body(formats=["int4_g32", "int8_g32"]), headers=owner).json()["id"]
+        wait_until_finished(client, owner, job_id)
+        point = chosen_point(client, owner, job_id)
+        url = f"/v1/jobs/{job_id}/points/{point['id']}/artifact"
+        response = client.post(url, json={"target": "compressed-tensors"}, headers=owner)
+        assert response.status_code == 202
+        build = wait_for_build(client, owner, response.json()["id"])
+        folder = download_tar(client, owner, build, tmp_path / "ct")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model(torch.arange(1, 9)[None]).logits.isfinite().all()

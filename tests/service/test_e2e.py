@@ -68,6 +68,7 @@ def check_succeeded_job(client, headers, job: dict, tmp_path) -> dict:
     assert evaluation["kl"] > 0 and evaluation["tokens"] == 2 * 31
     phases = [line["message"] for line in client.get(f"/v1/jobs/{job_id}/log", headers=headers).json()]
     assert phases[0] == "queued" and "output_mse: started" in phases and "evaluate: started" in phases
+    assert "computed on cpu in float32" in phases  # where the job computed, apart from the latency hardware
     assert phases[-1].startswith("succeeded")
     return config
 

@@ -46,7 +46,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
 def test_migrations_run_up_down_and_up_again(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     assert TABLES <= set(inspect(engine).get_table_names())
     upgrade(engine)  # again: a no-op, as at every start
     with engine.begin() as connection:
@@ -55,7 +55,7 @@ def test_migrations_run_up_down_and_up_again(empty_database):
         command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -96,7 +96,7 @@ def test_builds_migration_keeps_every_job_as_a_compression_job_and_its_downgrade
     engine.dispose()
 
 
-def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_after_its_downgrade(empty_database):
+def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_after_the_downgrades(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine, "0002")
     jobs = table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), column("spec", JSON),
@@ -114,6 +114,9 @@ def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_
     with engine.connect() as connection:
         assert connection.execute(select(jobs.c.spec)).scalars().all() == [
             {"model": "zoo:llm", "formats": ["int4_g128"], "hardware": "a100", "points": 8}]
+    with engine.begin() as connection:  # as a job made since 0004 stores it: where it computes, too
+        connection.execute(jobs.update().values(spec={"model": "zoo:llm", "formats": ["int4_g128"], "hardware": "a100",
+                                                      "points": 8, "device": "cuda", "max_memory": 2**30, "stream": True}))
     with engine.begin() as connection:
         config = alembic_config()
         config.attributes["connection"] = connection
@@ -123,13 +126,66 @@ def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_
     engine.dispose()
 
 
+def test_builds_made_before_targets_are_bitalloc_builds_whose_request_hash_still_finds_them(empty_database):
+    """0004: an old build gets target ``bitalloc`` and the hash a new request for it computes (so asking
+    again finds it); the downgrade drops builds of other targets and restores the old hash."""
+    from bitalloc.service.builds import request_hash
+
+    engine = make_engine(empty_database)
+    upgrade(engine, "0003")
+    now = datetime.now(UTC)
+    parent, build = uuid.uuid4(), uuid.uuid4()
+    old_hash = hashlib.sha256(b'{"method": "rtn", "point_id": 1}').hexdigest()
+    jobs = jobs_table(column("kind"))
+    row = {"token_id": 1, "state": "succeeded", "spec": "{}", "progress": "{}", "attempts": 1, "max_attempts": 3,
+           "timeout_seconds": 60.0, "cancel_requested": False, "created_at": now}
+    dated = {"created_at": now}
+    rows = [
+        (table("profiles", *map(column, ("id", "key", "sha256", "size", "model", "metric", "method", "units", "formats",
+                                          "meta")), column("created_at", DateTime(timezone=True))),
+         {"id": 1, "key": "k", "sha256": "s", "size": 1, "model": "m", "metric": "output_mse", "method": "rtn",
+          "units": 1, "formats": "[]", "meta": "{}", **dated}),
+        (table("fronts", column("id"), column("job_id", Uuid), *map(column, ("profile_id", "axes", "solver")),
+               column("created_at", DateTime(timezone=True))),
+         {"id": 1, "job_id": parent, "profile_id": 1, "axes": "[]", "solver": "dp", **dated}),
+        (table("allocations", column("id"), column("job_id", Uuid),
+               *map(column, ("formats", "bytes", "avg_bits", "error", "solver", "info"))),
+         {"id": 1, "job_id": parent, "formats": "{}", "bytes": 1, "avg_bits": 4.0, "error": 0.1, "solver": "dp",
+          "info": "{}"}),
+        (table("points", *map(column, ("id", "front_id", "allocation_id", "rank", "on_front", "chosen"))),
+         {"id": 1, "front_id": 1, "allocation_id": 1, "rank": 0, "on_front": True, "chosen": True}),
+        (table("builds", column("job_id", Uuid), column("parent_id", Uuid), column("point_id"), column("method")),
+         {"job_id": build, "parent_id": parent, "point_id": 1, "method": "rtn"}),
+    ]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tokens (id, name, token_hash, prefix, created_at) "
+                                "VALUES (1, 't', 'h', 'p', CURRENT_TIMESTAMP)"))
+        connection.execute(insert(jobs).values(id=parent, kind="compress", request_hash="a", **row))
+        connection.execute(insert(jobs).values(id=build, kind="artifact", request_hash=old_hash, **row))
+        for target, values in rows:
+            connection.execute(insert(target).values(**values))
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT target FROM builds")).scalars().all() == ["bitalloc"]
+        stored = connection.execute(text("SELECT request_hash FROM jobs WHERE kind = 'artifact'")).scalar_one()
+    assert stored == request_hash(1, "rtn", "bitalloc") != old_hash
+    with engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT request_hash FROM jobs WHERE kind = 'artifact'")).scalar_one() == old_hash
+    assert "target" not in {c["name"] for c in inspect(engine).get_columns("builds")}
+    engine.dispose()
+
+
 def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     try:
         runner = CliRunner()
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "revision 0003" in upgraded.output
+        assert upgraded.exit_code == 0 and "revision 0004" in upgraded.output
         created = runner.invoke(app, ["token", "create", "--name", "ci"])
         assert created.exit_code == 0, created.output
         secret = created.stdout.strip().splitlines()[-1]

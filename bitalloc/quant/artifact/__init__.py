@@ -14,10 +14,16 @@ Layout of an artifact folder:
 
 ``build_artifact`` writes one; ``load_artifact`` verifies every byte, then returns a
 ``LoadedModel`` whose Linear units run on ``kernels.QuantLinear`` / ``Fp8Linear``.
+
+``write_checkpoint`` writes the same quantized weights for another runtime: a compressed-tensors
+checkpoint (a Hugging Face model folder) that vLLM and transformers load
+(``quant.artifact.compressed_tensors``).
 """
 
 from bitalloc.quant.artifact.build import build_artifact
+from bitalloc.quant.artifact.compressed_tensors import Checkpoint, write_checkpoint
 from bitalloc.quant.artifact.load import load_artifact
 from bitalloc.quant.artifact.manifest import MANIFEST, WEIGHTS, Artifact, ArtifactError
 
-__all__ = ["MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "build_artifact", "load_artifact"]
+__all__ = ["MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "Checkpoint", "build_artifact", "load_artifact",
+           "write_checkpoint"]

@@ -32,7 +32,7 @@ from bitalloc.quant.artifact.manifest import (
 )
 from bitalloc.quant.artifact.storage import encode, runs_as, storage_of
 from bitalloc.quant.calibration import CalibrationSet
-from bitalloc.quant.formats import Format, get_format
+from bitalloc.quant.formats import Format, GgmlFormat, get_format
 from bitalloc.quant.hessian import calibration_hessians
 from bitalloc.quant.loading import MODULE_MANIFEST, LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
@@ -58,17 +58,11 @@ def build_artifact(
     it save a pass over the data. KV-cache units in the allocation are runtime settings: the
     manifest records them, no tensor stores them.
     """
-    if method not in METHODS:
-        raise ArtifactError(f"method: {method!r} is not one of {METHODS}")
-    if method == "gptq" and calibration is None:
-        raise ArtifactError("method gptq: GPTQ needs calibration data (a CalibrationSet) to fit each layer")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ArtifactError(f"{out} already exists and is not an empty folder; choose another or allow overwriting")
-    units, kv_cache = _resolve(model, allocation)
+    out = check_build(method, calibration, out, overwrite)
+    units, kv_cache = resolve_units(model, allocation)
     source = _model_record(model)
-    rest, tied = _unquantized(model.module, {f"{name}.weight" for name in units})
-    hessians = _hessians(model, units, method, calibration, hessians, progress)
+    rest, tied = unquantized_tensors(model.module, {f"{name}.weight" for name in units})
+    hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
 
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
@@ -98,7 +92,20 @@ def build_artifact(
     return Artifact(out, manifest)
 
 
-def _resolve(model: LoadedModel, allocation: Mapping[str, str]) -> tuple[dict[str, tuple[nn.Module, Format]], dict[str, str]]:
+def check_build(method: Method, calibration: CalibrationSet | None, out: Path | str, overwrite: bool) -> Path:
+    """What every build refuses before it reads a weight: an unknown method, GPTQ without
+    calibration data, an output folder that holds something (unless overwriting). Returns ``out``."""
+    if method not in METHODS:
+        raise ArtifactError(f"method: {method!r} is not one of {METHODS}")
+    if method == "gptq" and calibration is None:
+        raise ArtifactError("method gptq: GPTQ needs calibration data (a CalibrationSet) to fit each layer")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ArtifactError(f"{out} already exists and is not an empty folder; choose another or allow overwriting")
+    return out
+
+
+def resolve_units(model: LoadedModel, allocation: Mapping[str, str]) -> tuple[dict[str, tuple[nn.Module, Format]], dict[str, str]]:
     """The weight units (name -> module, format) and KV-cache entries an allocation names, checked."""
     modules = dict(model.module.named_modules())
     kv_names = {u.name for u in kv_units(model.module)}
@@ -111,6 +118,9 @@ def _resolve(model: LoadedModel, allocation: Mapping[str, str]) -> tuple[dict[st
             fmt = get_format(format_name)
         except ValueError as exc:
             raise ArtifactError(f"allocation: unit {name!r}: {exc}") from None
+        if isinstance(fmt, GgmlFormat):
+            raise ArtifactError(f"allocation: unit {name!r}: {fmt.name} is a llama.cpp (ggml) type, which only a "
+                                f"GGUF holds; build one with llama-quantize instead (--target gguf)")
         if name in kv_names:
             kv_cache[name] = fmt.name
         elif name in modules and is_quantizable(modules[name]):
@@ -122,9 +132,9 @@ def _resolve(model: LoadedModel, allocation: Mapping[str, str]) -> tuple[dict[st
     return units, kv_cache
 
 
-def _hessians(model: LoadedModel, units: dict[str, tuple[nn.Module, Format]], method: Method,
-              calibration: CalibrationSet | None, given: Mapping[str, torch.Tensor] | None,
-              progress: ProgressFn) -> Mapping[str, torch.Tensor]:
+def gptq_hessians(model: LoadedModel, units: dict[str, tuple[nn.Module, Format]], method: Method,
+                  calibration: CalibrationSet | None, given: Mapping[str, torch.Tensor] | None,
+                  progress: ProgressFn) -> Mapping[str, torch.Tensor]:
     """Calibration Hessians of the units GPTQ applies to (collected here unless given)."""
     wanted = [name for name, (_, fmt) in units.items() if uses_gptq(fmt, method)]
     if not wanted or calibration is None:
@@ -145,7 +155,7 @@ def _unit_record(fmt: Format, module: nn.Module, method: Method, tensors: list[s
             "bytes": fmt.nbytes((n, k)), "runs_as": runs_as(fmt, module), "tensors": tensors}
 
 
-def _unquantized(module: nn.Module, unit_weights: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unquantized_tensors(module: nn.Module, unit_weights: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every other state-dict tensor, stored once; ``tied`` maps each alias to the stored name.
 
     A unit whose weight is tied to another tensor (an lm_head sharing the embeddings) is

@@ -34,7 +34,7 @@ from bitalloc.quant.export.base import (
     json_bytes,
     refuse_split_tie_groups,
 )
-from bitalloc.quant.formats import Format, IntFormat
+from bitalloc.quant.formats import Format, GgmlFormat, IntFormat
 
 TARGET = "compressed-tensors"
 # compressed-tensors' compressor for each kind of weight-only group (what infer_module_format picks).
@@ -53,6 +53,8 @@ REFUSED = {
 def weight_args(fmt: Format) -> dict[str, Any] | str:
     """The ``QuantizationArgs`` (as a dict) that reproduce a quantized ``fmt``, or why there are none."""
     family = format_family(fmt)
+    if isinstance(fmt, GgmlFormat):
+        return f"{fmt.name}: a llama.cpp (ggml) block type, which compressed-tensors does not hold; export it for llama.cpp"
     if family in REFUSED:
         return f"{fmt.name}: {REFUSED[family]}"
     if isinstance(fmt, IntFormat) and not fmt.symmetric:

@@ -4,7 +4,9 @@ Each unit becomes its GGUF tensor (``quant.gguf_names``) and its format the near
 by bits per weight that keeps at least the format's code width (table in docs/exports.md):
 integer widths 2/3/4/5/6/8 -> Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/Q8_0, ``nf4`` -> IQ4_XS (a 4-bit
 non-linear codebook), ``fp4_e2m1`` -> MXFP4 (the same E2M1 values in blocks of 32),
-``fp8_e4m3`` -> Q8_0, ``fp6_e3m2`` -> Q6_K, 16-bit -> F16/BF16.
+``fp8_e4m3`` -> Q8_0, ``fp6_e3m2`` -> Q6_K, 16-bit -> F16/BF16. llama.cpp's own types
+(``q4_k``, ``iq4_xs``: ``quant.formats.GgmlFormat``) are written as themselves, with the type
+the format itself says llama-quantize writes for the tensor (its fallback, or F16).
 
 K-quants and IQ4_XS pack rows in super-blocks of 256, so a tensor whose row length (K) is not
 a multiple of 256 cannot hold them. llama.cpp then silently falls back (``tensor_type_fallback``
@@ -38,7 +40,7 @@ from bitalloc.quant.export.base import (
     Problems,
     format_family,
 )
-from bitalloc.quant.formats import Format
+from bitalloc.quant.formats import Format, GgmlFormat
 from bitalloc.quant.gguf_names import gguf_tensor, tensor_type_pattern
 
 TARGET = "llama.cpp"
@@ -49,8 +51,8 @@ PRIMARY = {
 }
 # The llama-quantize type argument whose default tensor type is each ggml type (the base of the run).
 FTYPE = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0",
-         T.Q4_0: "Q4_0", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL",
-         T.MXFP4: "MXFP4_MOE"}
+         T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL",
+         T.IQ3_S: "IQ3_S", T.MXFP4: "MXFP4_MOE"}
 # KV cache types llama.cpp accepts (--cache-type-k/-v), by bitalloc format family.
 CACHE_TYPES = {"int4": T.Q4_0, "int4_asym": T.Q4_1, "int5": T.Q5_0, "int5_asym": T.Q5_1, "int8": T.Q8_0,
                "int8_asym": T.Q8_0, "bf16": T.BF16, "fp16": T.F16}
@@ -71,6 +73,9 @@ class TensorType:
 
 def ggml_type_for(fmt: Format, k: int) -> TensorType | str:
     """The ggml type for ``fmt`` on rows of ``k`` elements, or why there is none."""
+    if isinstance(fmt, GgmlFormat):
+        stored = T[fmt.ggml_type_for((1, k))]
+        return TensorType(stored, None if stored.name == fmt.ggml_type else T[fmt.ggml_type])
     family = format_family(fmt).removesuffix("_asym")
     primary = PRIMARY[family]
     if ggml.fits(primary.name, k):
@@ -108,8 +113,10 @@ def cache_types(request: ExportRequest, problems: Problems) -> dict[str, T]:
 
 @dataclass(frozen=True)
 class Line:
-    """One tensor's setting in the script: its llama-quantize arguments and a comment."""
+    """One tensor's setting in the script: the GGUF tensor (``blk.3.attn_q``), its llama-quantize
+    arguments, a comment, the type it gets and that type's bytes."""
 
+    tensor: str
     args: tuple[str, ...]
     comment: str
     qtype: T
@@ -138,9 +145,10 @@ def tensor_lines(request: ExportRequest, problems: Problems) -> list[Line]:
             args = ("--tensor-type", f"{tensor_type_pattern(tensor.name)}={name}")
         note = f"{unit.name}: {fmt.name}"
         if chosen.fallback_from is not None:
-            note += f", {ggml_name(chosen.fallback_from)} falls back (K={k} is not a multiple of 256)"
+            needed = ggml.block(chosen.fallback_from.name)[0]
+            note += f", {ggml_name(chosen.fallback_from)} falls back (K={k} is not a multiple of {needed})"
         block, size = ggml.block(chosen.qtype.name)
-        lines.append(Line(args, note, chosen.qtype, n * k // block * size))
+        lines.append(Line(tensor.name, args, note, chosen.qtype, n * k // block * size))
     return lines
 
 
@@ -189,6 +197,7 @@ def _script(request: ExportRequest, lines: list[Line], defaults: list[tuple[str,
         f"# {len(lines)} tensors; GGUF bytes of these tensors {gguf_bytes} "
         f"(the allocation's {allocation_bytes}; k-quant block scales and fallbacks differ from bitalloc's layout).",
         "# Usage: sh THIS_FILE MODEL-F16.gguf OUT.gguf [THREADS]",
+        "#   (with LLAMA_IMATRIX=FILE.gguf set, llama-quantize also gets --imatrix FILE.gguf)",
         "#   (MODEL-F16.gguf from: python convert_hf_to_gguf.py MODEL_DIR --outtype f16 --outfile MODEL-F16.gguf)",
     ]
     if caches:
@@ -200,6 +209,7 @@ def _script(request: ExportRequest, lines: list[Line], defaults: list[tuple[str,
         out.append(f"set -- \"$@\" {flag} {value}  # not allocated by bitalloc: kept 16-bit")
     for line in lines:
         out.append(f"set -- \"$@\" {shlex.join(line.args)}  # {line.comment}")
+    out.append('if [ -n "${LLAMA_IMATRIX:-}" ]; then set -- "$@" --imatrix "$LLAMA_IMATRIX"; fi')
     out.append(f'exec "${{LLAMA_QUANTIZE:-llama-quantize}}" "$@" "$in" "$out" {base} ${{threads:+"$threads"}}')
     return "\n".join(out) + "\n"
 

@@ -7,7 +7,7 @@ same model and calibration set: GPTQ cells cost far more than the metric around 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -15,10 +15,10 @@ from torch import nn
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.evaluate import QuantizedWeights
 from bitalloc.quant.formats import Format
-from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.hessian import Hessians, calibration_hessians
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
-from bitalloc.quant.quantizers import Method, simulate
+from bitalloc.quant.quantizers import Method, simulate, uses_importance
 from bitalloc.quant.units import Unit, UnitSet, weight_matrix
 
 
@@ -52,17 +52,29 @@ class ProfilingContext:
         return self.calibration.batches(self.batch_size)
 
     @functools.cached_property
-    def hessians(self) -> dict[str, torch.Tensor]:
+    def hessians(self) -> Hessians:
         """``H = X^T X`` per weight unit, from one pass over the calibration batches."""
         return calibration_hessians(self.module, self.units, self.calibration,
                                     batch_size=self.batch_size, progress=self.progress)
+
+    def narrowed(self, units: UnitSet, hessians: dict[str, torch.Tensor]) -> "ProfilingContext":
+        """The same profile for some of its units whose Hessians are already known (one block of a
+        streamed model, summed over the same calibration): a metric run on it fills those units' rows only."""
+        part = replace(self, units=units, progress=no_progress)
+        # what the cached property would compute for the whole model
+        part.__dict__["hessians"] = Hessians(hessians, self.calibration.samples)
+        return part
 
     def weight(self, unit: Unit) -> torch.Tensor:
         return weight_matrix(self.modules[unit.name]).detach().float()
 
     def quantized(self, unit: Unit, fmt: Format) -> torch.Tensor:
-        """The unit's weight in ``fmt`` by the profile's method (GPTQ uses the Hessian)."""
+        """The unit's weight in ``fmt`` by the profile's method (GPTQ uses the Hessian, and so does
+        llama.cpp's importance matrix, its mean over the calibration tokens)."""
         hessian = self.hessians[unit.name] if self.method == "gptq" else None
-        if self.cache is None:
-            return simulate(self.weight(unit), fmt, self.method, hessian)
-        return self.cache.get((unit.name, fmt.name, self.method), lambda: simulate(self.weight(unit), fmt, self.method, hessian))
+        importance = self.hessians.importance(unit.name) if uses_importance(fmt, self.method) else None
+
+        def compute() -> torch.Tensor:
+            return simulate(self.weight(unit), fmt, self.method, hessian, importance)
+
+        return compute() if self.cache is None else self.cache.get((unit.name, fmt.name, self.method), compute)

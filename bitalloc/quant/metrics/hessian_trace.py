@@ -16,6 +16,8 @@ with its own graph). One product serves every unit at once: each unit's share
 ``v_u . (H v)_u`` estimates that unit's own trace, since the ``v`` of different units are
 independent and the cross terms average to zero. Options (``ctx.options``):
 ``hutchinson_samples`` (vectors per calibration batch, default 16) and ``hutchinson_seed``.
+Each unit's vector is drawn from a generator of its own, seeded by (seed, batch, sample, unit):
+a model streamed block by block (``metrics.streamed``) draws the very same vectors.
 
 The loss Hessian is not positive definite away from a minimum, so a unit's estimate can
 come out negative (noise around a flat direction, or real negative curvature); such an
@@ -23,6 +25,8 @@ error is kept as measured rather than hidden, and ``hutchinson_traces`` exposes 
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -33,14 +37,25 @@ from bitalloc.quant.metrics.loss import differentiable, next_token_loss, unit_we
 DEFAULT_SAMPLES = 16
 
 
-def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> np.ndarray:
-    """``Tr(H_unit)`` of the mean next-token loss over all calibration tokens, per weight unit."""
+def rademacher(like: torch.Tensor, seed: int, batch: int, sample: int, unit: int) -> torch.Tensor:
+    """A random +-1 tensor shaped like ``like`` (its device and dtype), the same for the same
+    (seed, calibration batch, sample, unit index) however the units are visited."""
+    key = hashlib.sha256(f"{seed}:{batch}:{sample}:{unit}".encode()).digest()
+    generator = torch.Generator(device=like.device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=like.dtype) * 2 - 1
+
+
+def check_samples(samples: int) -> None:
     if samples < 1:
         raise ValueError(f"hutchinson_samples must be at least 1, got {samples}")
+
+
+def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> np.ndarray:
+    """``Tr(H_unit)`` of the mean next-token loss over all calibration tokens, per weight unit."""
+    check_samples(samples)
     weights = unit_weights(ctx)
     batches = ctx.batches()
     predicted = sum(b[:, 1:].numel() for b in batches)
-    generator = torch.Generator(device=weights[0].device).manual_seed(seed)
     traces = torch.zeros(len(weights), dtype=torch.float64)
     with differentiable(weights):
         for b, batch in enumerate(batches):
@@ -48,8 +63,7 @@ def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, see
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             share = batch[:, 1:].numel() / predicted  # the batch's weight in the mean over all tokens
             for s in range(samples):
-                vectors = [torch.randint(0, 2, w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1
-                           for w in weights]
+                vectors = [rademacher(w, seed, b, s, i) for i, w in enumerate(weights)]
                 products = torch.autograd.grad(grads, weights, grad_outputs=vectors, retain_graph=s + 1 < samples)
                 for i, (v, hv) in enumerate(zip(vectors, products)):
                     traces[i] += share * float((v * hv).sum(dtype=torch.float64))

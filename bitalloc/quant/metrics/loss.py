@@ -15,12 +15,14 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bitalloc.quant.device import module_device
 from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.units import is_transposed_conv1d
 
 
 def next_token_loss(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each window's next token given its prefix."""
+    batch = batch.to(module_device(module))
     output = module(batch, use_cache=False)
     logits = output.logits if hasattr(output, "logits") else output
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())

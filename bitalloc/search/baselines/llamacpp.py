@@ -33,8 +33,10 @@ Q6_K -> Q8_0, and F16 if even those blocks of 32 do not divide the row. (Release
 the ``tensor_type_fallback`` refactor wrote IQ4_NL instead of Q4_0 for Q2_K/Q3_K: the same
 4.5 bits per weight, so the same format here.) ``fallback=False`` gives the plain rules.
 
-Each ggml type is then mapped to the format with the nearest bits per weight among those
-the unit allows (ties to the larger), bits per weight as the problem's bytes count them.
+Each ggml type is then mapped to a format the unit allows: llama.cpp's type itself when the
+job's formats include it (a ``q4_k`` format, or any ggml format that llama-quantize writes as
+that type on this row, as ``q4_k`` is written Q5_0 on rows of 576), else the format with the
+nearest bits per weight (ties to the larger), bits per weight as the problem's bytes count them.
 """
 
 from __future__ import annotations
@@ -164,12 +166,10 @@ def rule_type(info: UnitInfo, ftype: str, model: ModelInfo) -> str:
 
 def fallback_type(ggml_type: str, row: int) -> str:
     """``tensor_type_fallback``: a type whose block divides the row length."""
-    if ggml.fits(ggml_type, row):
-        return ggml_type
-    if ggml_type not in ggml.FALLBACK:
-        raise ValueError(f"llamacpp: no tensor type fallback is defined for {ggml_type} (row length {row})")
-    new = ggml.FALLBACK[ggml_type]
-    return new if ggml.fits(new, row) else "F16"
+    try:
+        return ggml.stored_type(ggml_type, row)
+    except ValueError as exc:
+        raise ValueError(f"llamacpp: {exc}") from None
 
 
 def tensor_type(info: UnitInfo, ftype: str, model: ModelInfo, fallback: bool = True) -> str:
@@ -198,17 +198,29 @@ def _candidates(problem: Problem, formats: Sequence[str | int] | None) -> np.nda
 
 
 def map_types(problem: Problem, types: list[str], bpw: Mapping[str, float] | None = None,
-              formats: Sequence[str | int] | None = None) -> np.ndarray:
-    """Each unit's ggml type -> the allowed format (among ``formats``, default all) with the
-    nearest bits per weight; ties go to the larger."""
+              formats: Sequence[str | int] | None = None, rows: Sequence[int | None] | None = None) -> np.ndarray:
+    """Each unit's ggml type -> the allowed format (among ``formats``, default all) that is that
+    type on the unit's row (``rows``), else the one with the nearest bits per weight; ties go to
+    the larger."""
     bits, among = _bits(problem, bpw), _candidates(problem, formats)
     choice = np.empty(problem.n_units, dtype=np.int64)
     for u, t in enumerate(types):
         candidates = list(np.flatnonzero(problem.allowed[u] & among))
         if not candidates:
             raise ValueError(f"llamacpp: unit {problem.unit_names[u]} allows none of the candidate formats")
-        choice[u] = nearest_format(GGML_BPW[t], candidates, bits)
+        exact = same_type(problem, t, None if rows is None else rows[u], candidates)
+        choice[u] = exact if exact is not None else nearest_format(GGML_BPW[t], candidates, bits)
     return choice
+
+
+def same_type(problem: Problem, ggml_type: str, row: int | None, candidates: Sequence[int]) -> int | None:
+    """The candidate that llama-quantize writes as ``ggml_type`` on rows of ``row`` (the format
+    named so first), or None when the job's formats have none (or the row is unknown)."""
+    if row is None:
+        return None
+    exact = [f for f in candidates
+             if (own := ggml.format_type(problem.format_names[f])) and ggml.stored_type(own, row) == ggml_type]
+    return min(exact, key=lambda f: problem.format_names[f] != ggml_type.lower()) if exact else None
 
 
 def format_table(problem: Problem, bpw: Mapping[str, float] | None = None,
@@ -233,7 +245,7 @@ def llamacpp(problem: Problem, infos: Mapping[str, UnitInfo], ftype: str, model:
     """
     unit_infos = infos_for(problem, infos)
     types = [tensor_type(i, ftype, model, fallback) for i in unit_infos]
-    mapped = map_types(problem, types, bpw, formats)
+    mapped = map_types(problem, types, bpw, formats, [i.row for i in unit_infos])
     choice = pin_fixed(problem, mapped)
     counts: dict[str, int] = {}
     for t in types:
@@ -246,6 +258,7 @@ def llamacpp(problem: Problem, infos: Mapping[str, UnitInfo], ftype: str, model:
         "fallbacks": sum(1 for i, t in zip(unit_infos, types) if fallback and t != rule_type(i, ftype, model)),
         "mapping": {t: sorted({problem.format_names[int(f)] for s, f in zip(types, mapped) if s == t}) for t in sorted(counts)},
         "ties_broken": ties_broken,
+        "real_types": sum(1 for f in mapped if ggml.format_type(problem.format_names[int(f)])),  # llama.cpp's own
     }
     name = f"llamacpp_{ftype}" + ("" if fallback else "_plain")
     return Allocation.of(problem, choice, solver=name, info=info)

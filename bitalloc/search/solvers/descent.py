@@ -37,11 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
-from scipy.stats import ttest_rel
 
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
-from bitalloc.search.measure import Measure, windows
+from bitalloc.search.measure import Measure, p_lower, windows
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import get_solver, register
 from bitalloc.search.solver import Solver
@@ -116,13 +115,8 @@ class DescentSolver(Solver):
         return windows(self.measure, allocation, self.samples)
 
     def p_value(self, current: np.ndarray, candidate: np.ndarray) -> float:
-        """How likely a candidate measures this much lower than the current point by chance:
-        a one-sided paired t-test over the windows; with no test (one window, or confidence
-        ``None``), 0 when its mean is lower and 1 otherwise."""
-        gain = current - candidate
-        if self.confidence is None or len(gain) < 2 or np.ptp(gain) == 0.0:
-            return 0.0 if gain.mean() > 0 else 1.0
-        return float(ttest_rel(current, candidate, alternative="greater").pvalue)
+        """The paired test's p-value (``search.measure.p_lower``) at this solver's confidence."""
+        return p_lower(current, candidate, self.confidence)
 
 
 def shifted(cells: np.ndarray, allowed: np.ndarray) -> np.ndarray:

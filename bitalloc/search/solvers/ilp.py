@@ -10,6 +10,7 @@ from ortools.sat.python import cp_model
 from bitalloc.search.allocation import Allocation
 from bitalloc.search.budgets import Budgets, Metric
 from bitalloc.search.errors import InfeasibleBudget, SearchError
+from bitalloc.search.pareto import non_dominated
 from bitalloc.search.problem import Problem
 from bitalloc.search.registry import register
 from bitalloc.search.solver import Solver
@@ -103,13 +104,7 @@ class ILPSolver(Solver):
 def _undominated(formats: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
     """Drop formats another format matches or beats in every metric (keeping
     one of identical ones): the optimum never needs them."""
-    values = np.stack([row[formats] for row in rows], axis=1)
-    keep = []
-    for i in range(len(formats)):
-        beaten = (values <= values[i]).all(axis=1) & ((values < values[i]).any(axis=1) | (np.arange(len(formats)) < i))
-        if not beaten.any():
-            keep.append(i)
-    return formats[keep]
+    return formats[non_dominated(np.stack([row[formats] for row in rows], axis=1))]
 
 
 def _without(budgets: Budgets, metric: Metric) -> Budgets:

@@ -47,6 +47,7 @@ def download_artifact(artifact_id: uuid.UUID, ctx: ContextDep, token_id: TokenDe
 def build_out(build: models.BuildRecord) -> dict:
     job, artifact = build.job, build.artifact
     return {"id": job.id, "job_id": build.parent_id, "point_id": build.point_id, "method": build.method,
+            "target": build.target,
             "state": job.state, "progress": job.progress, "error": job.error, "attempts": job.attempts,
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "artifact": None if artifact is None else
@@ -81,7 +82,7 @@ def build_point(job_id: uuid.UUID, point_id: PointId, ctx: ContextDep, token_id:
                                .where(models.PointRecord.id == point_id, models.FrontRecord.job_id == job.id))
         if point is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "point not found in this job's front")
-        build, created = builds.submit(session, job, point.id, body.method, ctx.settings)
+        build, created = builds.submit(session, job, point.id, body.method, body.target, ctx.settings)
         out = build_out(build)
     if not created:
         response.status_code = status.HTTP_200_OK

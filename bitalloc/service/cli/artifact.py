@@ -1,4 +1,4 @@
-"""``bitalloc build / generate``: the packed quantized artifact of an allocation, and text from it."""
+"""``bitalloc build / generate``: a model quantized as an allocation, for a runtime, and text from bitalloc's own."""
 
 from __future__ import annotations
 
@@ -12,31 +12,39 @@ from bitalloc.service.cli.common import fail, read_allocation
 def build(
     model: str = typer.Option(..., help="Model spec: a local directory, a .gguf file, a hub id, zoo:NAME or factory:NAME."),
     allocation: Path = typer.Option(..., help="alloc.json from `bitalloc solve` or `bitalloc run` (or a {unit: format} map)."),
-    out: Path = typer.Option(..., help="Artifact folder to write: weights.safetensors, bitalloc_artifact.json, config, tokenizer."),
-    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq (GPTQ fits integer units on --calibration)."),
+    out: Path = typer.Option(..., help="Folder to write (for the bitalloc target: weights.safetensors, bitalloc_artifact.json, "
+                                       "config, tokenizer)."),
+    target: str = typer.Option("bitalloc", help="What to write: bitalloc (the packed artifact for bitalloc's kernels), "
+                                                "gguf (a GGUF made by llama.cpp's llama-quantize; `bitalloc llamacpp "
+                                                "build` first) or compressed-tensors (a checkpoint that vLLM loads)."),
+    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq (GPTQ fits integer units on "
+                               "--calibration; ggml types get llama.cpp's importance matrix of it)."),
     calibration: str | None = typer.Option(None, help="GPTQ calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="GPTQ calibration windows (or input samples)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration window."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact folder."),
 ) -> None:
-    """Quantize a model as an allocation and write the packed, verifiable artifact."""
-    from bitalloc.quant.artifact import ArtifactError, build_artifact
+    """Quantize a model as an allocation and write it for a runtime (by default bitalloc's verifiable artifact)."""
+    from bitalloc.quant.artifact import ArtifactError
     from bitalloc.quant.calibration import calibration_for
     from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.targets import TARGETS, BuildRequest, build_target
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
 
+    if target not in TARGETS:
+        raise fail(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
     try:
         formats = read_allocation(allocation)
         loaded = load_model(model, get_settings().load_policy())
         data_set = calibration_for(loaded, calibration, seq_len=seq_len, count=samples) if method == "gptq" else None
         with progress_bar() as progress:
-            artifact = build_artifact(loaded, formats, out, method=method, calibration=data_set,  # type: ignore[arg-type]
-                                      overwrite=overwrite, progress=progress)
+            built = build_target(target, BuildRequest(loaded, formats, out, method=method,  # type: ignore[arg-type]
+                                                      calibration=data_set, overwrite=overwrite, progress=progress))
     except (ModelLoadError, ArtifactError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
-    typer.echo(f"{len(artifact.manifest['units'])} units, {artifact.disk_bytes / 2**20:.2f} MiB on disk "
-               f"(predicted tensor bytes: {artifact.predicted_bytes / 2**20:.2f} MiB) -> {out}")
+    on_disk = sum(p.stat().st_size for p in built.path.rglob("*") if p.is_file())
+    typer.echo(f"{target}: {on_disk / 2**20:.2f} MiB on disk -> {built.path}")
 
 
 def generate(

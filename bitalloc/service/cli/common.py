@@ -9,9 +9,15 @@ import typer
 
 from bitalloc.search.budgets import Budgets
 
-FORMATS_HELP = "Comma-separated candidate formats, e.g. int3_g128,int4_g128,int5_g128,int6_g128,int8_g128."
+FORMATS_HELP = ("Comma-separated candidate formats, e.g. int3_g128,int4_g128,int5_g128,int6_g128,int8_g128, or "
+                "llama.cpp's own types, e.g. q3_k,q4_k,q5_k,q6_k,q8_0 (after `bitalloc llamacpp build`).")
 DEFAULT_FORMATS = "int2_g128,int3_g128,int4_g128,int5_g128,int6_g128,int8_g128"
-DTYPE_HELP = "What the model runs in while it is measured: auto (fp32 on the CPU), fp32, bf16 or fp16."
+DTYPE_HELP = "What the model runs in while it is measured: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."
+DEVICE_HELP = ("Where the model computes: auto (the first CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N. "
+               "Not --hardware, the GPU latency is predicted for.")
+MAX_MEMORY_HELP = ("Memory the model's weights may take on the device, in bytes or like 24GiB (default: what the device "
+                   "has free); a local model whose weights do not fit is profiled block by block.")
+STREAM_HELP = "Profile a local model block by block, reading each block's weights only while it runs, even if it fits."
 HARDWARE_HELP = ("The GPU the quantized model will be served on, whose memory bandwidth (or measured kernel "
                  "table) predicts decode latency: h100, h200, a100, l40s, rtx4090 or cpu.")
 

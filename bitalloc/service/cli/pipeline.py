@@ -8,9 +8,12 @@ import typer
 
 from bitalloc.service.cli.common import (
     DEFAULT_FORMATS,
+    DEVICE_HELP,
     DTYPE_HELP,
     FORMATS_HELP,
     HARDWARE_HELP,
+    MAX_MEMORY_HELP,
+    STREAM_HELP,
     budgets,
     fail,
     read_allocation,
@@ -24,7 +27,8 @@ def run(
     metric: str = typer.Option("fisher_mse", help="Sensitivity metric (fisher_mse predicts KL; output_mse for "
                                                   "modules whose outputs are not logits)."),
     solver: str = typer.Option("dp", help="Solver: dp, ilp, greedy, nsga2, ..."),
-    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq."),
+    method: str = typer.Option("rtn", help="Quantizer: rtn, or gptq (GPTQ for integer formats, llama.cpp's "
+                               "importance matrix of the calibration set for ggml types)."),
     avg_bits: float | None = typer.Option(None, help="Budget: average bits per weight."),
     max_bytes: int | None = typer.Option(None, help="Budget: total bytes."),
     latency: float | None = typer.Option(None, help="Budget: predicted decode latency in seconds."),
@@ -36,6 +40,9 @@ def run(
                                                    "layers:LOW/HIGH, llama.cpp:FTYPE, llama.cpp-plain:FTYPE, hawq_v3, nncf:LOW/HIGH."),
     descend: int = typer.Option(0, help="At most this many measured descent steps from the chosen point: each solves "
                                         "the KL's local model exactly, kept only if it measures better (0: none)."),
+    surrogate: int = typer.Option(0, help="Rounds of the measured interaction surrogate from the chosen point: a "
+                                          "model of KL with pairwise terms fitted to measured allocations, solved "
+                                          "exactly, refitted each round; kept only if it measures better (0: none)."),
     refine: int = typer.Option(0, help="Generations of measured refinement of the chosen point (0: none)."),
     untie: bool = typer.Option(False, help="Let fused units (q/k/v, gate/up) take different formats: for runtimes "
                                            "that store them apart (llama.cpp), not for vLLM."),
@@ -43,6 +50,9 @@ def run(
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
     hardware: str = typer.Option("h100", help=HARDWARE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+    stream: bool = typer.Option(False, "--stream", help=STREAM_HELP),
     points: int = typer.Option(32, help="Points on the front sweep."),
     calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
@@ -55,6 +65,7 @@ def run(
     """The main job: profile a model, sweep the front, pick the point at the budget, evaluate it."""
     from bitalloc.pipeline.inputs import check_inputs
     from bitalloc.pipeline.spec import JobSpec
+    from bitalloc.quant.device import parse_bytes
     from bitalloc.quant.kv import KVOptions
     from bitalloc.quant.loading import ModelLoadError
     from bitalloc.search.errors import InfeasibleBudget
@@ -67,9 +78,10 @@ def run(
                        method=method,  # type: ignore[arg-type]
                        budgets=budgets(avg_bits, max_bytes, latency, error), measured_kl=measured_kl, points=points,
                        calibration=calibration, samples=samples, seq_len=seq_len, bos=bos, eval_windows=eval_windows,
-                       baseline=baseline, descend=descend, refine=refine, ties=not untie,
+                       baseline=baseline, descend=descend, refine=refine, surrogate=surrogate, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware,
-                       dtype=dtype)
+                       dtype=dtype, device=device, max_memory=None if max_memory is None else parse_bytes(max_memory),
+                       stream=stream)
         # The spec refused bad formats, dtype and budgets when it was made; paths are checked too
         # before the seconds of importing the rest.
         check_inputs(spec, settings.load_policy())
@@ -112,14 +124,17 @@ def _print_run(result, out: Path) -> None:
         e = result.evaluation
         console.print(f"held-out: perplexity {e['perplexity']:.3f} (unquantized {e['reference_perplexity']:.3f}), "
                       f"KL {e['kl']:.4f}, top-1 agreement {e['top1']:.3f} on {e['tokens']} tokens")
-    console.print(f"timings: {result.seconds}; written to {out}/")
+    compute = result.compute
+    console.print(f"computed on {compute['device']} in {compute['dtype']}{', streamed' if compute['streamed'] else ''}; "
+                  f"timings: {result.seconds}; written to {out}/")
 
 
 def profile(
     model: str = typer.Option(..., help="Model spec."),
     metric: str = typer.Option("fisher_mse", help="Sensitivity metric."),
     formats: str = typer.Option(DEFAULT_FORMATS, help=FORMATS_HELP),
-    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq (GPTQ's error for integer formats)."),
+    method: str = typer.Option("rtn", help="Quantizer: rtn or gptq (GPTQ's error for integer formats, "
+                               "llama.cpp's importance matrix for ggml types)."),
     calibration: str | None = typer.Option(None, help="Calibration source."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
     seq_len: int = typer.Option(512, help="Tokens per window."),
@@ -127,24 +142,30 @@ def profile(
     kv_batch: int = typer.Option(1, help="Sequences the KV cache holds."),
     hardware: str = typer.Option("h100", help=HARDWARE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+    stream: bool = typer.Option(False, "--stream", help=STREAM_HELP),
     out: Path = typer.Option(Path("profile.npz"), help="Where to write the profile."),
 ) -> None:
     """Measure every unit x format cell of a model and write the profile."""
     from bitalloc.quant.calibration import calibration_for
+    from bitalloc.quant.device import parse_bytes, resolve_device
     from bitalloc.quant.formats import parse_formats
     from bitalloc.quant.kv import KVOptions
-    from bitalloc.quant.loading import ModelLoadError, load_model, model_dtype
+    from bitalloc.quant.loading import ModelLoadError, model_dtype
     from bitalloc.quant.profile import ProfileCache
-    from bitalloc.quant.units import enumerate_units
+    from bitalloc.quant.stream import load_within
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
 
     settings = get_settings()
     try:
         candidates = parse_formats(formats)
-        loaded = load_model(model, settings.load_policy(), model_dtype(dtype))
+        where = resolve_device(device)
+        loaded = load_within(model, settings.load_policy(), dtype=model_dtype(dtype, where), device=where,
+                             max_memory=None if max_memory is None else parse_bytes(max_memory), stream=stream)
         kv = None if kv_context is None else KVOptions(kv_context, kv_batch)
-        units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs, kv_cache=kv is not None)
+        units = loaded.units(kv_cache=kv is not None)
         data = calibration_for(loaded, calibration, seq_len=seq_len, count=samples)
         with progress_bar() as progress:
             result, cached = ProfileCache(settings.profile_dir).get_or_build(
@@ -153,7 +174,8 @@ def profile(
         raise fail(str(exc)) from exc
     result.save(out)
     took = "from cache" if cached else f"{result.meta['seconds']} s"
-    typer.echo(f"{len(result.units)} units x {len(result.formats)} formats ({took}) -> {out}")
+    where = f"{result.meta['device']}, {result.meta['dtype']}{', streamed' if result.meta['streamed'] else ''}"
+    typer.echo(f"{len(result.units)} units x {len(result.formats)} formats ({took}; {where}) -> {out}")
 
 
 def solve(
@@ -209,20 +231,24 @@ def evaluate(
     source: str = typer.Option("zoo:evaluation", help="Held-out text."),
     windows: int = typer.Option(16, help="Windows to score."),
     seq_len: int = typer.Option(512, help="Tokens per window."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Held-out perplexity, KL from the 16-bit model and top-1 agreement of an allocation."""
     import json
 
     from bitalloc.quant.calibration import calibration_for, evaluation_tokens
+    from bitalloc.quant.device import resolve_device
     from bitalloc.quant.evaluate import Evaluator
     from bitalloc.quant.hessian import calibration_hessians
-    from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.loading import ModelLoadError, load_model, model_dtype
     from bitalloc.quant.units import enumerate_units
     from bitalloc.service.settings import get_settings
 
     try:
         formats = read_allocation(allocation)
-        loaded = load_model(model, get_settings().load_policy())
+        where = resolve_device(device)
+        loaded = load_model(model, get_settings().load_policy(), model_dtype(dtype, where), where)
         units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs)
         hessians = None
         if method == "gptq":

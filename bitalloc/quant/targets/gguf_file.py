@@ -1,0 +1,159 @@
+"""A GGUF that llama.cpp made itself, for an allocation (``bitalloc build --target gguf``).
+
+Three steps, each llama.cpp's own tool, so the file is what a llama.cpp user would have made by
+hand: ``convert_hf_to_gguf.py`` writes the model at 16 bits, ``llama-quantize`` runs the
+allocation's ``--tensor-type`` rules (the very script that the ``llama.cpp`` export writes, so
+the two never disagree), and the result is read back with ``gguf`` and refused unless every
+tensor holds the type the allocation says (after llama.cpp's documented fallbacks for short
+rows). llama-quantize rounds with ggml's own quantizers; with method ``gptq`` it is given the
+importance matrix of the job's calibration set (``--imatrix``, through the script's
+``LLAMA_IMATRIX``), written from the same Hessians the simulation weighs ggml's rounding by, so
+the file holds the blocks the profile simulated. The imatrix is kept beside the GGUF.
+
+The model is converted from its own folder when it has one (a local transformers folder or a
+zoo model); otherwise the loaded module is saved to a temporary folder first. KV-cache units
+are runtime settings in llama.cpp (``--cache-type-k/-v``): the script that ran says them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from gguf import GGMLQuantizationType, GGUFReader, Keys
+
+from bitalloc.quant.artifact import ArtifactError
+from bitalloc.quant.artifact.build import check_build
+from bitalloc.quant.export import llama_cpp
+from bitalloc.quant.export.base import ExportError, Problems, make_request
+from bitalloc.quant.gguf_names import gguf_name
+from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.llamacpp.imatrix import write_imatrix
+from bitalloc.quant.llamacpp.tools import Tools, tools
+from bitalloc.quant.loading import LoadedModel, model_folder
+from bitalloc.quant.targets import BuildRequest, Built
+from bitalloc.quant.units import enumerate_units, kv_units, weight_units
+
+GGUF = "model.gguf"
+SCRIPT = "llama-quantize.sh"
+SUMMARY = "bitalloc_gguf.json"
+IMATRIX = "imatrix.gguf"
+LAYOUT = "gguf"
+
+
+def build_gguf(request: BuildRequest) -> Built:
+    """Convert, quantize with the allocation's types, check every tensor, and move the folder into place."""
+    out = check_build(request.method, request.calibration, request.out, request.overwrite)
+    built = tools()
+    lines, script = _script(request)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        work, staging = Path(tmp) / "work", Path(tmp) / "gguf"
+        work.mkdir()
+        staging.mkdir()
+        request.progress(0, 3, "convert")
+        base = work / "model-f16.gguf"
+        _convert(built, request.model, work, base)
+        request.progress(1, 3, "llama-quantize")
+        (staging / SCRIPT).write_bytes(script)
+        imatrix = _imatrix(request, base, staging / IMATRIX) if request.method == "gptq" else None
+        _quantize(built, staging / SCRIPT, base, staging / GGUF, imatrix)
+        request.progress(2, 3, "check")
+        types = _check_types(staging / GGUF, lines)
+        size = (staging / GGUF).stat().st_size
+        summary = {"layout": LAYOUT, "file": GGUF, "sha256": _sha256(staging / GGUF),
+                   "bytes": {"file": size, "tensors": sum(line.nbytes for line in lines)},
+                   "llama_cpp": built.manifest()["version"], "types": types, "method": request.method,
+                   "imatrix": IMATRIX if imatrix else None,
+                   "calibration": request.calibration.describe() if imatrix else None}
+        (staging / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        if out.is_dir():
+            shutil.rmtree(out)
+        staging.rename(out)
+        request.progress(3, 3, "check")
+    return Built(out, {key: summary[key] for key in ("layout", "file", "sha256", "bytes", "llama_cpp")})
+
+
+def _script(request: BuildRequest) -> tuple[list[llama_cpp.Line], bytes]:
+    """The llama.cpp export's ``llama-quantize`` script for the allocation's weight units, and its lines."""
+    module = request.model.module
+    weights = _weight_allocation(request)
+    units = weight_units(module, include=sorted(weights), exclude=())
+    try:
+        export = make_request(weights, units, (), {"model": request.model.spec}, None)
+        problems = Problems(llama_cpp.TARGET)
+        lines = llama_cpp.tensor_lines(export, problems)
+        problems.raise_if_any()
+        return lines, llama_cpp.build(export)
+    except (ExportError, ValueError) as exc:
+        raise ArtifactError(f"gguf: {exc}") from exc
+
+
+def _weight_allocation(request: BuildRequest) -> dict[str, str]:
+    """The allocation's weight units (its KV-cache units are runtime settings)."""
+    kv_names = {unit.name for unit in kv_units(request.model.module)}
+    return {name: fmt for name, fmt in request.allocation.items() if name not in kv_names}
+
+
+def _convert(built: Tools, model: LoadedModel, work: Path, outfile: Path) -> None:
+    """``convert_hf_to_gguf.py`` on the model's own folder, or on the loaded module saved to one."""
+    folder = model_folder(model.spec) if not model.spec.startswith("factory:") else None
+    if folder is None:
+        if not hasattr(model.module, "save_pretrained") or model.tokenizer is None:
+            raise ArtifactError(f"{model.spec}: a GGUF is made from a transformers causal LM with a tokenizer")
+        folder = work / "hf"
+        model.module.save_pretrained(folder)
+        model.tokenizer.save_pretrained(folder)
+    _run(built.convert_command(folder, outfile, "f16"), "convert_hf_to_gguf.py")
+
+
+def _imatrix(request: BuildRequest, base: Path, path: Path) -> Path:
+    """llama.cpp's importance matrix of the allocated tensors, from their calibration Hessians."""
+    module, calibration = request.model.module, request.calibration
+    tensors = {name: f"{gguf_name(name)}.weight" for name in _weight_allocation(request)}
+    units = enumerate_units(module, include=sorted(tensors), exclude=(), example_inputs=request.model.example_inputs)
+    hessians = calibration_hessians(module, units, calibration, progress=request.progress)
+    arch = GGUFReader(base).fields[Keys.General.ARCHITECTURE].contents()
+    windows = calibration.inputs.shape
+    try:
+        write_imatrix(path, hessians, hessians.tokens, tensors, arch=arch, dataset=calibration.source, chunks=windows[0],
+                      chunk_size=windows[1] if calibration.tokens else 1)
+    except ValueError as exc:
+        raise ArtifactError(f"gguf: {exc}") from exc
+    return path
+
+
+def _quantize(built: Tools, script: Path, base: Path, outfile: Path, imatrix: Path | None) -> None:
+    threads = str(len(os.sched_getaffinity(0)))
+    env = {"LLAMA_QUANTIZE": str(built.quantize), "LLAMA_IMATRIX": str(imatrix) if imatrix else ""}
+    _run(["sh", str(script), str(base), str(outfile), threads], "llama-quantize", env=env)
+
+
+def _run(command: list[str], step: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise ArtifactError(f"{step} failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-2000:]}")
+
+
+def _check_types(path: Path, lines: list[llama_cpp.Line]) -> dict[str, str]:
+    """Every tensor's ggml type in the file; refused unless each allocated tensor has the type it should."""
+    stored = {tensor.name: GGMLQuantizationType(tensor.tensor_type).name for tensor in GGUFReader(path).tensors}
+    wrong = []
+    for line in lines:
+        name = f"{line.tensor}.weight"
+        if stored.get(name) != line.qtype.name:
+            wrong.append(f"{name}: {stored.get(name, 'missing')}, not {line.qtype.name}")
+    if wrong:
+        raise ArtifactError(f"llama-quantize did not write the allocation's types ({len(wrong)} tensors): "
+                            + "; ".join(wrong[:5]))
+    return stored
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -1,0 +1,98 @@
+"""A job's compute device, dtype and streaming, from the CLI, the REST schema and ``run_job``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bitalloc.pipeline import JobSpec, run_job
+from bitalloc.quant.profile import Profile
+from bitalloc.search import Budgets
+from bitalloc.service.cli import app
+from bitalloc.service.schemas import JobCreate
+
+FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded")
+    tiny_llama.module.save_pretrained(folder, max_shard_size="100KB")
+    tiny_llama.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
+    from bitalloc.service.settings import get_settings
+
+    get_settings.cache_clear()
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+def spec(model: str, **overrides) -> JobSpec:
+    base = dict(model=model, formats=FORMATS, metric="output_mse", budgets=Budgets(max_avg_bits=5.0), points=6,
+                seq_len=32, samples=4, eval_windows=2, device="cpu")
+    return JobSpec(**{**base, **overrides})
+
+
+def test_a_spec_refuses_a_bad_device_or_memory_cap():
+    with pytest.raises(ValueError, match="device 'gpu': choose auto, cpu, cuda or cuda:N"):
+        spec("factory:tiny-llama", device="gpu")
+    with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
+        spec("factory:tiny-llama", max_memory=0)
+
+
+def test_the_rest_schema_reads_device_and_memory_and_keeps_hardware_apart():
+    job = JobCreate(model="zoo:llm", formats=["int4_g128"], device="cuda:1", max_memory="24GiB", hardware="a100")
+    made = job.to_spec()
+    assert (made.device, made.max_memory, made.hardware, made.stream) == ("cuda:1", 24 * 2**30, "a100", False)
+    for bad, words in [({"device": "gpu"}, "String should match pattern"), ({"device": "h100"}, '"hardware": "h100"'),
+                       ({"max_memory": "lots"}, "size 'lots'")]:
+        with pytest.raises(ValueError, match=words):
+            JobCreate(model="zoo:llm", formats=["int4_g128"], **bad)
+
+
+@pytest.mark.slow
+def test_a_streamed_job_equals_the_whole_one_and_says_where_it_computed(sharded, tmp_path, zoo):
+    whole = run_job(spec(str(sharded), evaluation=None), profile_dir=tmp_path)
+    streamed = run_job(spec(str(sharded), stream=True), profile_dir=tmp_path)
+    assert whole.compute == {"device": "cpu", "dtype": "float32", "streamed": False}
+    assert streamed.compute == {"device": "cpu", "dtype": "float32", "streamed": True}
+    assert streamed.summary()["compute"] == streamed.compute and streamed.profile.meta["streamed"]
+    np.testing.assert_allclose(streamed.profile.error, whole.profile.error, rtol=1e-4, atol=0)
+    assert streamed.chosen.formats == whole.chosen.formats
+    assert streamed.evaluation is None and any("evaluation is skipped" in note for note in streamed.notes)
+
+
+def test_a_streamed_job_refuses_what_runs_the_whole_model(sharded, tmp_path, zoo):
+    with pytest.raises(ValueError, match="metric 'fisher_mse' cannot run on a model streamed"):
+        run_job(spec(str(sharded), metric="fisher_mse", stream=True), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="refine run"):
+        run_job(spec(str(sharded), refine=2, stream=True), profile_dir=tmp_path)
+
+
+def test_cli_profile_streams_under_a_memory_cap_and_refuses_cuda_without_it(sharded, cli, tmp_path, monkeypatch):
+    out = tmp_path / "p.npz"
+    done = cli.invoke(app, ["profile", "--model", str(sharded), "--metric", "output_mse", "--formats", ",".join(FORMATS),
+                            "--samples", "2", "--seq-len", "16", "--device", "cpu", "--max-memory", "100KB",
+                            "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "cpu, float32, streamed" in done.output and Profile.load(out).meta["streamed"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused = cli.invoke(app, ["profile", "--model", str(sharded), "--device", "cuda", "--out", str(out)])
+    assert refused.exit_code == 1 and "torch sees no CUDA device" in refused.output
+    refused = cli.invoke(app, ["run", "--model", str(sharded), "--max-memory", "lots", "--out", str(tmp_path / "r")])
+    assert refused.exit_code == 1 and "size 'lots'" in refused.output
+    summary = tmp_path / "run"
+    done = cli.invoke(app, ["run", "--model", str(sharded), "--metric", "output_mse", "--formats", ",".join(FORMATS),
+                            "--avg-bits", "5", "--samples", "2", "--seq-len", "16", "--points", "4", "--stream",
+                            "--out", str(summary)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((summary / "summary.json").read_text())["compute"]["streamed"] is True
