@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bitalloc.pipeline import JobSpec, run_job
@@ -107,6 +108,10 @@ def test_cli_build_and_generate_an_artifact(tmp_path, zoo):
     refused = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc),
                                   "--out", str(tmp_path / "other"), "--target", "onnx"])
     assert refused.exit_code == 1 and "--target 'onnx': choose one of bitalloc, gguf, compressed-tensors" in refused.output
+    if not torch.cuda.is_available():
+        refused = runner.invoke(app, ["build", "--model", "factory:tiny-llama", "--allocation", str(alloc),
+                                      "--out", str(tmp_path / "other"), "--device", "cuda"])
+        assert refused.exit_code == 1 and "no CUDA device" in refused.output
     done = runner.invoke(app, ["generate", "--artifact", str(out), "--prompt", "The nation", "--max-new-tokens", "3"])
     assert done.exit_code == 0 and done.output.startswith("The nation"), done.output
     done = runner.invoke(app, ["generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"])

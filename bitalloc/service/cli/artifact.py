@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from bitalloc.service.cli.common import fail, read_allocation
+from bitalloc.service.cli.common import DEVICE_HELP, DTYPE_HELP, fail, read_allocation
 
 
 def build(
@@ -23,11 +23,14 @@ def build(
     samples: int = typer.Option(32, help="GPTQ calibration windows (or input samples)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration window."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact folder."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Quantize a model as an allocation and write it for a runtime (by default bitalloc's verifiable artifact)."""
     from bitalloc.quant.artifact import ArtifactError
     from bitalloc.quant.calibration import calibration_for
-    from bitalloc.quant.loading import ModelLoadError, load_model
+    from bitalloc.quant.device import resolve_device
+    from bitalloc.quant.loading import ModelLoadError, load_model, model_dtype
     from bitalloc.quant.targets import TARGETS, BuildRequest, build_target
     from bitalloc.service.progress import progress_bar
     from bitalloc.service.settings import get_settings
@@ -36,7 +39,8 @@ def build(
         raise fail(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
     try:
         formats = read_allocation(allocation)
-        loaded = load_model(model, get_settings().load_policy())
+        where = resolve_device(device)
+        loaded = load_model(model, get_settings().load_policy(), model_dtype(dtype, where), where)
         data_set = calibration_for(loaded, calibration, seq_len=seq_len, count=samples) if method == "gptq" else None
         with progress_bar() as progress:
             built = build_target(target, BuildRequest(loaded, formats, out, method=method,  # type: ignore[arg-type]
