@@ -51,7 +51,8 @@ from bitalloc.quant.gguf_names import gguf_tensor
 from bitalloc.quant.hessian import calibration_hessians
 from bitalloc.quant.llamacpp.imatrix import write_imatrix
 from bitalloc.quant.llamacpp.tools import Tools, tools
-from bitalloc.quant.loading import LoadedModel, load_model, model_folder
+from bitalloc.quant.loading import LoadedModel, load_model
+from bitalloc.quant.targets.gguf_file import convert_to_gguf
 from bitalloc.quant.units import enumerate_units, weight_units
 from bitalloc.search import Budgets
 
@@ -145,14 +146,9 @@ def main() -> None:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         model = load_model(args.model)
-        folder = model_folder(args.model)
-        if folder is None:
-            folder = work / "hf"
-            model.module.save_pretrained(folder)
-            model.tokenizer.save_pretrained(folder)
         base = work / "f16.gguf"
         if not base.exists():
-            run(built.convert_command(folder, base, "f16"), "convert_hf_to_gguf.py")
+            convert_to_gguf(built, model, work, base)
         logits = work / "f16.kld"
         evaluation = text_file(args.evaluation, work / "evaluation.txt")
         run([str(built.perplexity), "-m", str(base), "-f", str(evaluation), "-c", str(args.ctx), "--chunks",

@@ -9,11 +9,12 @@ place, so an interrupted build never leaves a half-written artifact behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -201,22 +202,35 @@ def _module_dir(spec: str) -> Path:
 
 
 def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel, manifest: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        staging = Path(tmp) / "artifact"
-        staging.mkdir()
+    with staged_folder(out) as staging:
         save_file(tensors, staging / WEIGHTS, metadata={"layout": LAYOUT})
         if manifest["model"]["kind"] == "transformers":
-            model.module.config.save_pretrained(staging)
-            if getattr(model.module, "generation_config", None) is not None:
-                model.module.generation_config.save_pretrained(staging)
-            if model.tokenizer is not None:
-                model.tokenizer.save_pretrained(staging)
+            save_model_files(model, staging)
         manifest["files"] = {p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                              for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """An empty folder beside ``out`` to write a build into; when the block ends without an error
+    it replaces ``out`` in one rename, so an interrupted build never leaves a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
+        yield staging
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
             out.unlink()
         staging.rename(out)
+
+
+def save_model_files(model: LoadedModel, folder: Path) -> None:
+    """A transformers model's config, generation config and tokenizer: what a runtime reads beside the weights."""
+    model.module.config.save_pretrained(folder)
+    if getattr(model.module, "generation_config", None) is not None:
+        model.module.generation_config.save_pretrained(folder)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)

@@ -40,8 +40,6 @@ differ; the symmetric format of the same width and group stores exactly.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitalloc.quant.artifact.build import check_build, gptq_hessians, resolve_units, unquantized_tensors
+from bitalloc.quant.artifact.build import (
+    check_build,
+    gptq_hessians,
+    resolve_units,
+    save_model_files,
+    staged_folder,
+    unquantized_tensors,
+)
 from bitalloc.quant.artifact.manifest import ArtifactError
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.export.base import ExportError, ExportRequest, Problems, format_family
@@ -233,11 +238,8 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel,
     from compressed_tensors.quantization import QuantizationConfig
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        staging = Path(tmp) / "checkpoint"
-        staging.mkdir()
-        model.module.config.save_pretrained(staging)
+    with staged_folder(out) as staging:
+        save_model_files(model, staging)
         ModelCompressor(quantization_config=QuantizationConfig.model_validate(config)).update_config(str(staging))
         # safetensors writes owner-only files; a runtime serving as another user must read them like the config
         mode = (staging / "config.json").stat().st_mode & 0o777
@@ -248,14 +250,5 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel,
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if getattr(model.module, "generation_config", None) is not None:
-            model.module.generation_config.save_pretrained(staging)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(staging)
         files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        staging.rename(out)
     return out, files

@@ -17,10 +17,8 @@ are runtime settings in llama.cpp (``--cache-type-k/-v``): the script that ran s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,7 +26,8 @@ from pathlib import Path
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from bitalloc.quant.artifact import ArtifactError
-from bitalloc.quant.artifact.build import check_build
+from bitalloc.quant.artifact.build import check_build, staged_folder
+from bitalloc.quant.artifact.manifest import file_sha256
 from bitalloc.quant.export import llama_cpp
 from bitalloc.quant.export.base import ExportError, Problems, make_request
 from bitalloc.quant.gguf_names import gguf_name
@@ -51,14 +50,11 @@ def build_gguf(request: BuildRequest) -> Built:
     out = check_build(request.method, request.calibration, request.out, request.overwrite)
     built = tools()
     lines, script = _script(request)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        work, staging = Path(tmp) / "work", Path(tmp) / "gguf"
-        work.mkdir()
-        staging.mkdir()
+    with staged_folder(out) as staging, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        work = Path(tmp)
         request.progress(0, 3, "convert")
         base = work / "model-f16.gguf"
-        _convert(built, request.model, work, base)
+        convert_to_gguf(built, request.model, work, base)
         request.progress(1, 3, "llama-quantize")
         (staging / SCRIPT).write_bytes(script)
         imatrix = _imatrix(request, base, staging / IMATRIX) if request.method == "gptq" else None
@@ -66,16 +62,13 @@ def build_gguf(request: BuildRequest) -> Built:
         request.progress(2, 3, "check")
         types = _check_types(staging / GGUF, lines)
         size = (staging / GGUF).stat().st_size
-        summary = {"layout": LAYOUT, "file": GGUF, "sha256": _sha256(staging / GGUF),
+        summary = {"layout": LAYOUT, "file": GGUF, "sha256": file_sha256(staging / GGUF),
                    "bytes": {"file": size, "tensors": sum(line.nbytes for line in lines)},
                    "llama_cpp": built.manifest()["version"], "types": types, "method": request.method,
                    "imatrix": IMATRIX if imatrix else None,
                    "calibration": request.calibration.describe() if imatrix else None}
         (staging / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        if out.is_dir():
-            shutil.rmtree(out)
-        staging.rename(out)
-        request.progress(3, 3, "check")
+    request.progress(3, 3, "check")
     return Built(out, {key: summary[key] for key in ("layout", "file", "sha256", "bytes", "llama_cpp")})
 
 
@@ -100,9 +93,10 @@ def _weight_allocation(request: BuildRequest) -> dict[str, str]:
     return {name: fmt for name, fmt in request.allocation.items() if name not in kv_names}
 
 
-def _convert(built: Tools, model: LoadedModel, work: Path, outfile: Path) -> None:
-    """``convert_hf_to_gguf.py`` on the model's own folder, or on the loaded module saved to one."""
-    folder = model_folder(model.spec) if not model.spec.startswith("factory:") else None
+def convert_to_gguf(built: Tools, model: LoadedModel, work: Path, outfile: Path) -> None:
+    """``convert_hf_to_gguf.py`` to a 16-bit GGUF, on the model's own folder, or on the loaded module
+    saved to one under ``work``."""
+    folder = model_folder(model.spec)
     if folder is None:
         if not hasattr(model.module, "save_pretrained") or model.tokenizer is None:
             raise ArtifactError(f"{model.spec}: a GGUF is made from a transformers causal LM with a tokenizer")
@@ -152,8 +146,3 @@ def _check_types(path: Path, lines: list[llama_cpp.Line]) -> dict[str, str]:
         raise ArtifactError(f"llama-quantize did not write the allocation's types ({len(wrong)} tensors): "
                             + "; ".join(wrong[:5]))
     return stored
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
