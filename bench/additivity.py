@@ -25,14 +25,18 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from bench.quality import RESULTS, WIDTHS, Bench, arguments, pair_for
-from bitalloc.pipeline.problem import problem_of
-from bitalloc.search import Allocation, Budgets, Problem, baselines, solve
+from bench.quality.experiments import pair_for
+from bench.quality.harness import RESULTS, WIDTHS, Bench, arguments
+from bitalloc.pipeline.steps import Solve
+from bitalloc.quant.evaluate import Evaluator
+from bitalloc.search import Allocation, Budgets, baselines
 
 
-def allocations(bench: Bench, problem: Problem, targets: list[float]) -> list[tuple[str, str, Allocation]]:
-    """(family, label, allocation) for every allocation measured, each on ``problem``'s cells."""
-    trace_problem = problem_of(bench.profile("hessian_trace", "rtn"))
+def allocations(bench: Bench, targets: list[float]) -> list[tuple[str, str, Allocation]]:
+    """(family, label, allocation) for every allocation measured, each on the headline profile's cells."""
+    work = bench.workspace("rtn")
+    problem = work.problem
+    trace_problem = bench.problem("hessian_trace", "rtn")
     if trace_problem.unit_names != problem.unit_names or trace_problem.format_names != problem.format_names:
         raise SystemExit("the hessian_trace and fisher_mse profiles cover different cells: rebuild them")
     bits = {name: baselines.uniform(problem, name).avg_bits for name in WIDTHS}
@@ -45,7 +49,7 @@ def allocations(bench: Bench, problem: Problem, targets: list[float]) -> list[tu
         hawq = baselines.hawq_v3(trace_problem, Budgets(max_avg_bits=target))
         chosen.append(("HAWQ-V3", f"HAWQ-V3 @{target:g}", Allocation.of(problem, hawq.choice)))
         chosen.append(("sum's optimum (fisher_mse+dp)", f"fisher_mse+dp @{target:g}",
-                       solve(problem, Budgets(max_avg_bits=target))))
+                       Solve(Budgets(max_avg_bits=target))(work, None)))
     return chosen
 
 
@@ -58,10 +62,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     targets = [float(x) for x in args.targets.split(",") if x]
     bench = Bench(args)
-    problem = problem_of(bench.profile("fisher_mse", "rtn"))
+    # the profile's own text: the first calibration windows, those descent's gradients come from
+    on_calibration = Evaluator(bench.model, bench.calibration.head(args.gradient_windows), batch_size=2)
+    on_calibration.weights = bench.cache
     rows = []
-    for family, label, allocation in allocations(bench, problem, targets):
-        calibration = bench.gradient_evaluator.evaluate(allocation.formats, method="rtn").kl
+    for family, label, allocation in allocations(bench, targets):
+        calibration = on_calibration.evaluate(allocation.formats, method="rtn").kl
         evaluation = bench.evaluator.evaluate(allocation.formats, method="rtn").kl
         rows.append({"family": family, "label": label, "avg_bits": round(allocation.avg_bits, 4),
                      "predicted": allocation.error, "calibration_kl": calibration, "evaluation_kl": evaluation,
@@ -75,7 +81,7 @@ def main() -> None:
                             "min_ratio": float(np.min(ratios)), "max_ratio": float(np.max(ratios))}
     rho = spearmanr([r["predicted"] for r in rows], [r["calibration_kl"] for r in rows]).statistic
     result = {"model": "zoo:llm (SmolLM2-135M)", "metric": "fisher_mse", "method": "rtn", "targets": targets,
-              "calibration": bench.gradient_evaluator.windows.describe(), "evaluation": bench.windows.describe(),
+              "calibration": on_calibration.windows.describe(), "evaluation": bench.windows.describe(),
               "rows": rows, "families": families, "spearman_predicted_vs_calibration_kl": float(rho)}
     with open(args.out, "w") as out:
         out.write(json.dumps(result, indent=1) + "\n")

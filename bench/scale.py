@@ -1,16 +1,20 @@
-"""Streamed profiling against model size: wall time and peak RSS of an ``output_mse`` profile of
-random Llama-shaped models, each streamed block by block under a memory cap.
+"""Streamed profiling against model size: wall time and peak RSS of a profile (``--metric``,
+``fisher_mse`` by default) of random Llama-shaped models, each streamed block by block under a
+memory cap, and of a held-out evaluation of one allocation streamed the same way.
 
 * **Models.** ``write_llama`` writes a Llama-shaped model with random bf16 weights as sharded
   safetensors, one tensor at a time (the whole model is never in memory), with the reference
   SmolLM2 tokenizer. ``SIZES`` names widths and depths near 0.1B, 0.4B and 1B parameters
   (``--sizes`` picks some; ``--depth`` scales every depth, for the same width at more depths).
 * **Runs.** Each model is profiled streamed (in fp32 on the CPU) in a fresh process (``--run``),
-  which reports its own wall time and peak RSS (``VmHWM``: the process doing the work, nothing
-  else), and whether that peak stayed under ``--max-memory``.
+  then the profile's exact optimum at ``--avg-bits`` is scored on ``--eval-windows`` held-out
+  windows (KL from the unquantized model, both streamed); the process reports its wall times and
+  peak RSS (``VmHWM``: the process doing the work, nothing else), and whether that peak stayed
+  under ``--max-memory``.
 * **Output.** A table, and ``bench/results/scale.json``.
 
     python -m bench.scale [--sizes 0.1B,0.4B,1B] [--max-memory 2GiB] [--windows 2] [--seq-len 256]
+                          [--metric fisher_mse] [--eval-windows 2] [--avg-bits 5]
                           [--formats int4_g128,int8_g128] [--threads 1] [--depth 1.0] [--workdir DIR] [--keep]
                           [--out scale.json]
 """
@@ -110,24 +114,35 @@ def peak_rss() -> int:
 
 
 def run(folder: Path, args: argparse.Namespace) -> dict:
-    """Profile ``folder`` streamed in this process; what the parent records."""
-    from bitalloc.quant.calibration import calibration_for
+    """Profile ``folder`` streamed in this process and score one point of it; what the parent records."""
+    from bitalloc.pipeline.problem import problem_of
+    from bitalloc.quant.calibration import calibration_for, evaluation_tokens
     from bitalloc.quant.device import parse_bytes
+    from bitalloc.quant.evaluate import Evaluator
     from bitalloc.quant.formats import parse_formats
     from bitalloc.quant.loading import LoadPolicy
     from bitalloc.quant.profile import build_profile
     from bitalloc.quant.stream import StreamedModel, load_within
+    from bitalloc.search import Budgets, solve
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_within(str(folder), LoadPolicy(), dtype=torch.float32, device=torch.device("cpu"), stream=True)
     units = model.units()
     calibration = calibration_for(model, None, seq_len=args.seq_len, count=args.windows)
-    profile = build_profile(model, units, parse_formats(args.formats), "output_mse", calibration)
+    profile = build_profile(model, units, parse_formats(args.formats), args.metric, calibration)
+    profiled = time.perf_counter()
+    evaluation = None
+    if args.eval_windows:
+        chosen = solve(problem_of(profile), Budgets(max_avg_bits=args.avg_bits))
+        windows = evaluation_tokens(model.tokenizer, "zoo:evaluation", seq_len=args.seq_len, max_windows=args.eval_windows)
+        evaluation = Evaluator(model, windows, batch_size=2, cache_bytes=0).evaluate(chosen.formats, units=units)
     peak = peak_rss()
     return {"streamed": isinstance(model, StreamedModel), "units": len(units), "cells": int(profile.error.size),
-            "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak / 2**20, 1),
-            "under_cap": peak <= parse_bytes(args.max_memory)}
+            "seconds": round(profiled - start, 1), "eval_seconds": round(time.perf_counter() - profiled, 1),
+            "eval_kl": None if evaluation is None else evaluation.kl,
+            "eval_avg_bits": None if evaluation is None else evaluation.avg_bits,
+            "peak_rss_mib": round(peak / 2**20, 1), "under_cap": peak <= parse_bytes(args.max_memory)}
 
 
 def main() -> None:
@@ -138,6 +153,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--formats", default="int4_g128,int8_g128")
+    parser.add_argument("--metric", default="fisher_mse", help="a metric that streams: fisher_mse, output_mse, hessian_trace")
+    parser.add_argument("--eval-windows", type=int, default=2, help="held-out windows the chosen point is scored on (0: none)")
+    parser.add_argument("--avg-bits", type=float, default=5.0, help="the budget of the point that is scored")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
@@ -157,7 +175,8 @@ def main() -> None:
         params = write_llama(folder, shape)
         child = [sys.executable, "-m", "bench.scale", "--run", str(folder), "--max-memory", args.max_memory,
                  "--windows", str(args.windows), "--seq-len", str(args.seq_len), "--formats", args.formats,
-                 "--threads", str(args.threads)]
+                 "--threads", str(args.threads), "--metric", args.metric, "--eval-windows", str(args.eval_windows),
+                 "--avg-bits", str(args.avg_bits)]
         done = subprocess.run(child, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             result = {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}
@@ -168,16 +187,18 @@ def main() -> None:
             shutil.rmtree(folder)
         print(json.dumps(rows[-1]), flush=True)
     record = {"max_memory": args.max_memory, "windows": args.windows, "seq_len": args.seq_len,
-              "formats": args.formats.split(","), "threads": args.threads, "metric": "output_mse",
+              "formats": args.formats.split(","), "threads": args.threads, "metric": args.metric,
+              "eval_windows": args.eval_windows, "avg_bits": args.avg_bits,
               "depth": args.depth, "compute": "cpu, float32", "runs": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nstreamed output_mse profile under --max-memory {args.max_memory}, {args.windows}x{args.seq_len} tokens, "
+    print(f"\nstreamed {args.metric} profile (and a {args.eval_windows}-window evaluation) under --max-memory {args.max_memory}, {args.windows}x{args.seq_len} tokens, "
           f"{len(record['formats'])} formats, {args.threads} thread(s)")
-    print(f"{'size':<6}{'params':>14}{'fp32 MiB':>10}{'layers':>8}{'seconds':>10}{'peak RSS MiB':>14}{'under cap':>11}")
+    print(f"{'size':<6}{'params':>14}{'fp32 MiB':>10}{'layers':>8}{'seconds':>10}{'eval s':>8}{'peak RSS MiB':>14}"
+          f"{'under cap':>11}")
     for row in rows:
         print(f"{row['size']:<6}{row['params']:>14,}{row['params'] * 4 // 2**20:>10}{row['layers']:>8}"
-              f"{row.get('seconds', '-'):>10}{row.get('peak_rss_mib', row.get('failed', '-')):>14}"
+              f"{row.get('seconds', '-'):>10}{row.get('eval_seconds', '-'):>8}{row.get('peak_rss_mib', row.get('failed', '-')):>14}"
               f"{str(row.get('under_cap', '-')):>11}")
 
 

@@ -4,8 +4,8 @@ evaluation split.
 
 For each target (average bits), quantizer and tie setting it scores the solved start
 (``fisher_mse`` + ``dp``), HAWQ-V3's trace ILP, and the ``surrogate`` search from the start
-(fitness on ``--fitness-source`` windows: half to select, half to confirm; never the evaluation
-split), with the number of measured allocations, the model's held-out error and Spearman, and
+(the job's own step: fitness on the tuning split's windows, half to select, half to confirm;
+never the evaluation split), with the number of measured allocations, the model's held-out error and Spearman, and
 the wall time. The bench (model, windows, profiles, traces) is ``bench.quality``'s, so the
 figures compare with its table.
 
@@ -15,39 +15,25 @@ figures compare with its table.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.quality import RESULTS, Bench, arguments
-from bitalloc.pipeline.problem import problem_of
-from bitalloc.quant.evaluate import MeasuredKL
-from bitalloc.search import Allocation, Budgets, baselines, get_solver, solve
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from bench.quality.harness import RESULTS, Bench, arguments, log, timed
+from bitalloc.pipeline.steps import Solve, Surrogate
+from bitalloc.search import Allocation, Budgets, baselines
 
 
 def run(bench: Bench, quantizer: str, target: float, ties: bool) -> dict:
-    """One budget: the start, HAWQ-V3 and the surrogate, each scored on the evaluation split."""
+    """One budget: the start, HAWQ-V3 and the job's ``Surrogate`` step, each scored on the evaluation split."""
     args = bench.args
-    problem = problem_of(bench.profile("fisher_mse", quantizer), ties=ties)
-    trace_problem = problem_of(bench.profile("hessian_trace", quantizer), ties=ties)
+    work = bench.workspace(quantizer, ties)
     budgets = Budgets(max_avg_bits=target)
-    start = solve(problem, budgets)
-    hawq = Allocation.of(problem, baselines.hawq_v3(trace_problem, budgets).choice, solver="hawq_v3")
-    hessians = bench.hessians_for(quantizer)
-    fitness = MeasuredKL(bench.fitness_evaluator, method=quantizer, hessians=hessians)  # type: ignore[arg-type]
-    blocks = {unit.name: unit.block for unit in bench.units.units}
-    solver = get_solver("surrogate", measure=fitness, samples=len(bench.fitness.inputs) * args.seq_len, start=start,
-                        seeds=[hawq], blocks=[blocks[name] for name in problem.unit_names], initial=args.surrogate_initial,
-                        rounds=args.surrogate_rounds, seed=0)
-    clock = time.perf_counter()
-    found = solver.solve(problem, Budgets(max_bytes=start.bytes))
-    seconds = time.perf_counter() - clock
+    start = Solve(budgets)(work, None)
+    hawq = Allocation.of(work.problem, baselines.hawq_v3(work.trace_problem, budgets).choice, solver="hawq_v3")
+    hessians = work.hessians
+    found, seconds = timed(lambda: Surrogate(args.surrogate_rounds, args.surrogate_initial)(work, start))
 
     def kl(allocation: Allocation) -> float:
         return bench.evaluator.evaluate(allocation.formats, method=quantizer, hessians=hessians, units=bench.units).kl  # type: ignore[arg-type]
@@ -84,7 +70,7 @@ def main() -> None:
             for ties in ((True, False) if args.untied else (True,))]
     result = {"model": "zoo:llm (SmolLM2-135M)", "threads": torch.get_num_threads(),
               "options": {k: v for k, v in vars(args).items() if k != "out"},
-              "evaluation": bench.windows.describe(), "fitness": bench.fitness.describe(), "rows": rows,
+              "evaluation": bench.windows.describe(), "fitness": bench.workspace("rtn").fitness.evaluator.windows.describe(), "rows": rows,
               "seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

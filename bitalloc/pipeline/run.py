@@ -62,19 +62,21 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
 def check_streamed(spec: JobSpec, why: str) -> None:
     """Refuse, before any profiling, what a job cannot do on a model streamed block by block yet
     (``why`` it streams: asked for, or its weights do not fit): metrics that need the whole model,
-    and every step that runs it."""
+    descent (its gradient flows through every block at once), NNCF's activation statistics, and
+    GPTQ's measured steps (they need every unit's Hessian at once). Scoring the model forward
+    (the evaluation, the accuracy target, the surrogate, refinement) streams like the profile."""
     try:
         check_streamable(spec.metric, spec.kv is not None)
     except ValueError as exc:
         raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
-    whole_model = {"measured_kl": spec.measured_kl is not None, "descend": bool(spec.descend),
-                   "surrogate": bool(spec.surrogate), "refine": bool(spec.refine),
-                   "baseline": (spec.baseline or "").startswith("nncf")}
+    measured = spec.measured_kl is not None or bool(spec.surrogate) or bool(spec.refine)
+    whole_model = {"descend": bool(spec.descend), "baseline": (spec.baseline or "").startswith("nncf"),
+                   "measured search with gptq": measured and spec.method == "gptq"}
     asked = [name for name, wanted in whole_model.items() if wanted]
     if asked:
-        raise ValueError(f"the model is streamed block by block ({why}), and {', '.join(asked)} run(s) the whole "
-                         "model, which cannot be done streamed yet: give a --max-memory the weights fit in, or leave "
-                         "them out")
+        raise ValueError(f"the model is streamed block by block ({why}), and {', '.join(asked)} need(s) the whole "
+                         "model at once, which cannot be done streamed yet: give a --max-memory the weights fit in, "
+                         "or leave them out")
 
 
 def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),
@@ -111,7 +113,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
 
     profile, cached = ProfileCache(profile_dir).get_or_build(
         model, units, formats, spec.metric, calibration, method=spec.method, kv=spec.kv,
-        hardware=spec.hardware, progress=progress)
+        hardware=spec.hardware, progress=progress, shards=spec.shards)
     lap("profile")
 
     problem = problem_of(profile, ties=spec.ties)
@@ -126,8 +128,9 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     lap("solve")
 
     evaluation = None
-    if streamed and chosen is not None and spec.evaluation:
-        work.note("the held-out evaluation is skipped: it cannot run on a model streamed block by block yet")
+    if streamed and chosen is not None and spec.evaluation and spec.method == "gptq":
+        work.note("the held-out evaluation is skipped: GPTQ needs every unit's Hessian at once, which a model "
+                  "streamed block by block does not hold")
     elif chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
         evaluation = evaluate_point(model, chosen, spec, units, work.hessians)

@@ -9,7 +9,9 @@ place that says so; the REST schema and the CLI call it too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from bitalloc.quant.device import check_device_name
 from bitalloc.quant.formats import parse_formats
@@ -19,6 +21,8 @@ from bitalloc.quant.quantizers import Method
 from bitalloc.search import Budgets
 
 KL_METRICS = ("fisher_mse", "kl")  # metrics whose cells are KL in nats per token
+
+_Data = TypeVar("_Data")
 
 
 @dataclass
@@ -44,6 +48,7 @@ class JobSpec:
     device: str = "auto"  # where the model computes: auto (CUDA when present), cpu, cuda or cuda:N
     max_memory: int | None = None  # bytes the model may take on the device (None: what it has free)
     stream: bool = False  # profile block by block even when the weights would fit in max_memory
+    shards: int = 1  # block ranges a streamed profile is measured in (quant.shards); the numbers do not change
     evaluation: str | None = "zoo:evaluation"
     eval_windows: int = 16
     baseline: str | None = None
@@ -69,10 +74,50 @@ class JobSpec:
         check_device_name(self.device)
         if self.max_memory is not None and self.max_memory <= 0:
             raise ValueError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be at least 1, got {self.shards}")
         for name in ("descend", "surrogate", "refine"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (none) or a positive count, got {getattr(self, name)}")
         check_target(self.budgets, self.measured_kl)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-safe data: the service stores it when it accepts a job and the worker
+        runs it as stored (``from_dict``), so a job runs as it was accepted even after the API's
+        schema changes."""
+        data = {item.name: getattr(self, item.name) for item in fields(self)}
+        return {**data, "formats": list(self.formats), "budgets": asdict(self.budgets),
+                "kv": None if self.kv is None else asdict(self.kv)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """The spec ``to_dict`` stored. A key it does not know is refused, not dropped: a job never
+        runs with part of what it was told silently ignored."""
+        values = dict(_checked_keys(cls, data, "job spec"))
+        if "budgets" in values:
+            values["budgets"] = _dataclass_of(Budgets, values["budgets"], "budgets")
+        if values.get("kv") is not None:
+            values["kv"] = _dataclass_of(KVOptions, values["kv"], "kv")
+        return cls(**values)
+
+
+def _checked_keys(cls: type, data: object, what: str) -> Mapping[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``, or a ValueError naming the unknown
+    or missing keys (instead of the TypeError a bad call would raise)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
+    names = {item.name for item in fields(cls)}
+    required = {item.name for item in fields(cls) if item.default is MISSING and item.default_factory is MISSING}
+    unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}")
+    if missing:
+        raise ValueError(f"{what} lacks the keys {missing}")
+    return data
+
+
+def _dataclass_of(cls: type[_Data], data: object, what: str) -> _Data:
+    return cls(**_checked_keys(cls, data, what))
 
 
 def check_target(budgets: Budgets, measured_kl: float | None) -> None:

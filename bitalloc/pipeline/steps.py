@@ -8,8 +8,10 @@ allocation whose *measured* KL meets the accuracy target). Measured improvement 
 pairwise terms, solved exactly), then ``Refine`` (EvoPress-style evolution), each within its
 start's own size and never kept unless it measures better.
 
-What steps share (the model, the calibration windows, the problem, GPTQ's Hessians, the
-fitness measure) lives once in a ``Workspace``, computed on first use.
+Each step carries its own parameters (the target KL, the iterations, the generations), as
+llm-compressor's modifiers do, so the benches compose the very steps a job runs. What steps
+share (the model, the calibration windows, the problem, GPTQ's Hessians, the fitness measure)
+lives once in a ``Workspace``, computed on first use.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +34,7 @@ from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.profile import ProfileCache
 from bitalloc.quant.sensitivity import nncf_scores
+from bitalloc.quant.simulation import QuantizedWeights
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
 from bitalloc.search.baselines import hawq_v3, rescore
@@ -58,6 +61,19 @@ class Workspace:
     profile_dir: Path
     notify: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
+    # The quantized cells measured search reuses from one candidate to the next (a caller that
+    # scores allocations too, like bench.quality, passes its own to share them).
+    weights: QuantizedWeights = field(default_factory=lambda: QuantizedWeights(1e9))
+    # The options of HAWQ-V3's hessian_trace profile (its Hutchinson samples and windows).
+    trace_options: dict | None = None
+
+    def with_problem(self, problem: Problem) -> Workspace:
+        """The same workspace posing another problem (the same profile without tie groups, say):
+        what it has measured already (GPTQ's Hessians, the fitness windows) is shared, not
+        measured again."""
+        twin = replace(self, problem=problem)
+        twin.__dict__.update({name: self.__dict__[name] for name in ("hessians", "fitness") if name in self.__dict__})
+        return twin
 
     def note(self, message: str) -> None:
         """Tell the user now (the CLI's stderr, the job's log) what they should know about the
@@ -74,12 +90,13 @@ class Workspace:
 
     @functools.cached_property
     def trace_problem(self) -> Problem:
-        """The problem of a ``hessian_trace`` profile of the same units and formats: HAWQ-V3's."""
+        """The problem of a ``hessian_trace`` profile of the same units and formats (HAWQ-V3's),
+        tied as the job's problem is."""
         spec = self.spec
         profile, _ = ProfileCache(self.profile_dir).get_or_build(
             self.model, self.units, parse_formats(spec.formats), "hessian_trace", self.calibration,
-            method=spec.method, kv=spec.kv, hardware=spec.hardware)
-        return problem_of(profile)
+            method=spec.method, kv=spec.kv, hardware=spec.hardware, options=self.trace_options)
+        return problem_of(profile, ties=bool(self.problem.tie_groups))
 
     @functools.cached_property
     def fitness(self) -> MeasuredKL:
@@ -88,8 +105,9 @@ class Workspace:
         spec = self.spec
         windows = calibration_tokens(self.model.tokenizer, spec.fitness_source, seq_len=spec.seq_len,
                                      count=spec.fitness_windows, seed=spec.seed + 1, bos=spec.bos)
-        return MeasuredKL(Evaluator(self.model, windows, weight_cache_bytes=1e9), method=spec.method,
-                          hessians=self.hessians)
+        evaluator = Evaluator(self.model, windows)
+        evaluator.weights = self.weights
+        return MeasuredKL(evaluator, method=spec.method, hessians=self.hessians)
 
     @property
     def fitness_samples(self) -> int:
@@ -110,22 +128,25 @@ class Step(ABC):
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None: ...
 
 
+@dataclass
 class Solve(Step):
-    """The exact optimum of the predicted error within the budgets (the fewest bytes for an
-    error budget alone); no point when the job sets no budget (only the front)."""
+    """The exact optimum of the predicted error within ``budgets`` (the fewest bytes for an error
+    budget alone) by ``solver``; no point when no budget is given (only the front)."""
 
+    budgets: Budgets
+    solver: str = "dp"
     name = "solve"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
-        budgets = work.spec.budgets
+        budgets = self.budgets
         if not budgets.given():
             return None
         best = extreme_allocation(work.problem, "error", "bytes")
         if budgets.objective() == "error" and not work.problem.violations(best.choice, budgets):
             work.note(f"the budget ({budgets.describe()}) does not bind: the most accurate allocation of "
-                              f"these formats already fits at {best.avg_bits:.3f} average bits; give a tighter "
-                              "budget or lower-bit formats to trade size for error")
-        return solve(work.problem, budgets, solver=work.spec.solver, objective=budgets.objective())
+                      f"these formats already fits at {best.avg_bits:.3f} average bits; give a tighter "
+                      "budget or lower-bit formats to trade size for error")
+        return solve(work.problem, budgets, solver=self.solver, objective=budgets.objective())
 
 
 class Baseline(Step):
@@ -147,21 +168,25 @@ class Baseline(Step):
                               trace_problem=lambda: work.trace_problem, scores=scores)
 
 
+@dataclass
 class Target(Step):
-    """The smallest allocation whose KL, measured on the fitness windows, meets ``measured_kl``
-    with 95 % confidence."""
+    """The smallest allocation whose KL, measured on the fitness windows, meets ``kl`` (the
+    job's ``measured_kl``) with 95 % confidence."""
 
+    kl: float
     name = "target"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation:
-        return smallest_within(work.problem, work.spec.measured_kl, measure=work.fitness,  # type: ignore[arg-type]
-                               samples=work.fitness_samples)
+        return smallest_within(work.problem, self.kl, measure=work.fitness, samples=work.fitness_samples)
 
 
+@dataclass
 class Descend(Step):
-    """Proximal descent steps within the point's own size: each solves the KL's local model
-    (its gradient at the current point) exactly and is kept only if it measures better."""
+    """Up to ``iterations`` proximal descent steps within the point's own size: each solves the
+    KL's local model (its gradient at the current point) exactly and is kept only if it
+    measures better."""
 
+    iterations: int
     name = "descend"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
@@ -173,21 +198,24 @@ class Descend(Step):
                              f"be in KL units {KL_METRICS}, not {spec.metric!r}")
         fitness = work.fitness
         gradient = Evaluator(work.model, work.calibration.head(spec.gradient_windows), batch_size=2)
-        gradient.weights = fitness.evaluator.weights  # one cache of quantized cells for both
+        gradient.weights = work.weights  # one cache of quantized cells for both
         problem = work.problem
         linear = KLGradient(gradient, problem.unit_names, problem.format_names, problem.allowed,
                             method=spec.method, hessians=work.hessians)
         solver = get_solver("descent", measure=fitness, linear=linear, start=point, samples=work.fitness_samples,
-                            iterations=spec.descend)
+                            iterations=self.iterations)
         return solver.solve(problem, work.within(point))
 
 
+@dataclass
 class Surrogate(Step):
     """A measured model of KL with pairwise terms between units of nearby blocks, fitted to
     allocations sampled around the point and HAWQ-V3's, solved exactly within the point's own
-    size, refitted for ``spec.surrogate`` rounds; kept only if confirmed on windows it was not
+    size, refitted for up to ``rounds`` rounds; kept only if confirmed on windows it was not
     chosen on."""
 
+    rounds: int
+    initial: int = 24  # allocations measured before the first fit
     name = "surrogate"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
@@ -197,7 +225,8 @@ class Surrogate(Step):
         seeds = [rescore(hawq_v3(work.trace_problem, within), problem)]
         blocks = {unit.name: unit.block for unit in work.units.units}
         solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
-                            blocks=[blocks[name] for name in problem.unit_names], rounds=work.spec.surrogate,
+                            blocks=[blocks[name] for name in problem.unit_names], rounds=self.rounds,
+                            initial=self.initial,
                             seed=work.spec.seed)
         found = solver.solve(problem, within)
         fit = found.info.get("held_out", {})
@@ -208,9 +237,12 @@ class Surrogate(Step):
         return found
 
 
+@dataclass
 class Refine(Step):
-    """EvoPress-style refinement within the point's own size, by KL on growing window counts."""
+    """EvoPress-style refinement for ``generations`` generations within the point's own size,
+    by KL on growing window counts."""
 
+    generations: int
     name = "refine"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
@@ -218,13 +250,14 @@ class Refine(Step):
             return None
         spec = work.spec
         schedule = staged_schedule(spec.seq_len, work.fitness_samples)
-        solver = get_solver("refine", measure=work.fitness, start=point, generations=spec.refine,
+        solver = get_solver("refine", measure=work.fitness, start=point, generations=self.generations,
                             schedule=schedule, seed=spec.seed)
         return solver.solve(work.problem, work.within(point))
 
 
 def recipe(spec: JobSpec) -> list[Step]:
     """The steps a job asks for, in order: how the point is picked, then how it is improved."""
-    first: Step = Baseline() if spec.baseline else Target() if spec.measured_kl is not None else Solve()
-    return [first, *([Descend()] if spec.descend else []), *([Surrogate()] if spec.surrogate else []),
-            *([Refine()] if spec.refine else [])]
+    first: Step = (Baseline() if spec.baseline else Target(spec.measured_kl) if spec.measured_kl is not None
+                   else Solve(spec.budgets, spec.solver))
+    return [first, *([Descend(spec.descend)] if spec.descend else []),
+            *([Surrogate(spec.surrogate)] if spec.surrogate else []), *([Refine(spec.refine)] if spec.refine else [])]

@@ -4,9 +4,10 @@ windows against its own 16-bit self.
 Scores: perplexity of the next token (and the unquantized model's, on the same tokens), KL divergence of the next-token distribution from
 the unquantized model's (mean over positions), top-1 agreement with it, plus the
 allocation's bytes and average bits. A uniform allocation is just another allocation, so
-baselines are the same call. ``Evaluator`` keeps a copy of the unquantized model and caches
-its log-probabilities (within a memory budget), so scoring many allocations of one model
-(a front, a refinement loop) runs the reference once.
+baselines are the same call. ``Evaluator`` caches the unquantized model's log-probabilities
+(within a memory budget), so scoring many allocations of one model (a front, a refinement
+loop) runs the reference once. Both sides run through ``quant.execution.logits``: a model held
+whole or streamed block by block is scored the same way.
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from bitalloc.quant.calibration import CalibrationSet
-from bitalloc.quant.device import module_device
+from bitalloc.quant.execution import logits
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.hessian import Hessians
-from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.loading import LoadedModel
-from bitalloc.quant.quantizers import Method, simulate, uses_importance
-from bitalloc.quant.units import Unit, UnitSet, set_weight_matrix, weight_matrix
+from bitalloc.quant.quantizers import Method
+from bitalloc.quant.simulation import QuantizedWeights
+from bitalloc.quant.stream import StreamedModel
+from bitalloc.quant.units import Unit, UnitSet
 
 
 @dataclass
@@ -49,92 +50,19 @@ class Evaluation:
         return asdict(self)
 
 
-def model_logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """A causal LM's logits (float32) for a batch of token windows, without a KV cache, on the module's device."""
-    batch = batch.to(module_device(module))
-    output = module(batch, use_cache=False) if hasattr(module, "config") else module(batch)
-    return (output.logits if hasattr(output, "logits") else output).float()
-
-
 def kl_sum(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """KL(reference || model) summed over positions, from both sides' log-probabilities
     (float64 sum; differentiable in ``log_probs``)."""
     return (reference.exp() * (reference - log_probs)).sum(dtype=torch.float64)
 
 
-@contextlib.contextmanager
-def applied(
-    model: LoadedModel,
-    allocation: Mapping[str, str],
-    *,
-    method: Method = "rtn",
-    hessians: Hessians | None = None,
-    cache: QuantizedWeights | None = None,
-) -> Iterator[None]:
-    """Run the model with each weight unit of ``allocation`` (unit -> format name) quantized.
-
-    The original weights are put back on exit, even after an error, so one loaded model
-    serves any number of evaluations. KV units in the allocation are left to
-    ``quant.kv_sim.kv_applied``. ``cache`` keeps quantized weights for the next call. Under
-    ``gptq`` the calibration ``hessians`` fit GPTQ, and give llama.cpp's types their importance matrix.
-    """
-    modules = dict(model.module.named_modules())
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        for name, format_name in allocation.items():
-            if name.startswith("kv."):
-                continue
-            if name not in modules:
-                raise KeyError(f"allocation names unit {name!r}, which the model does not have")
-            saved[name] = modules[name].weight.detach().clone()
-            weight = weight_matrix(modules[name]).detach()
-            set_weight_matrix(modules[name], simulated(weight, name, format_name, method, hessians, cache))
-        yield
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                modules[name].weight.copy_(original)
-
-
-def simulated(weight: torch.Tensor, name: str, format_name: str, method: Method,
-              hessians: Hessians | None, cache: QuantizedWeights | None) -> torch.Tensor:
-    """Unit ``name``'s 16-bit weight matrix as ``format_name`` stores it, from ``cache`` when it holds it."""
-
-    def quantize() -> torch.Tensor:
-        fmt = get_format(format_name)
-        hessian = hessians.get(name) if hessians else None
-        importance = hessians.importance(name) if hessian is not None and uses_importance(fmt, method) else None
-        return simulate(weight.float(), fmt, method, hessian, importance)
-
-    return quantize() if cache is None else cache.get((name, format_name, method), quantize)
-
-
-class QuantizedWeights:
-    """Simulated weights by (unit, format, method), kept within a byte budget.
-
-    A front, a refinement loop or a benchmark scores many allocations that share most of
-    their cells; GPTQ in particular costs far more than a forward pass, so each cell is
-    quantized once. The weights are deterministic given the model and the Hessians, so
-    one cache must serve one model and one calibration set.
-    """
-
-    def __init__(self, max_bytes: float = 2e9) -> None:
-        self._weights: dict[tuple[str, str, str], torch.Tensor] = {}
-        self._left = max_bytes
-
-    def get(self, key: tuple[str, str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key in self._weights:
-            return self._weights[key]
-        weight = compute()
-        size = weight.numel() * weight.element_size()
-        if size <= self._left:
-            self._weights[key] = weight
-            self._left -= size
-        return weight
-
-
 class Evaluator:
-    """Scores a causal LM against its unquantized self on fixed token windows."""
+    """Scores a causal LM against its unquantized self on fixed token windows.
+
+    The reference is the model with nothing applied: a copy of the module when the model is
+    held whole (the allocation under test changes the module's weights while the reference's
+    log-probabilities may still be needed), the checkpoint itself when the model is streamed
+    (it is read anew, never changed)."""
 
     def __init__(self, model: LoadedModel, windows: CalibrationSet, *, batch_size: int = 4, cache_bytes: float = 2e9,
                  weight_cache_bytes: float = 0.0):
@@ -143,35 +71,47 @@ class Evaluator:
         self.model = model
         self.windows = windows
         self.batch_size = batch_size
-        self.reference = copy.deepcopy(model.module).eval()
+        self.reference = model if isinstance(model, StreamedModel) else replace(model, module=copy.deepcopy(model.module).eval())
         self._cache: dict[tuple[int, int], torch.Tensor] = {}  # by (batch index, windows in it)
         self._cache_left = cache_bytes
         self.weights = QuantizedWeights(weight_cache_bytes) if weight_cache_bytes else None
 
-    def reference_log_probs(self, index: int, batch: torch.Tensor) -> torch.Tensor:
-        """The 16-bit model's next-token log-probabilities for batch ``index`` of the windows (cached)."""
-        key = (index, len(batch))  # a smaller max_windows makes a shorter last batch
-        if key in self._cache:
-            return self._cache[key]
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model_logits(self.reference, batch)[:, :-1], dim=-1)
-        size = log_probs.numel() * log_probs.element_size()
-        if size <= self._cache_left:
-            self._cache[key] = log_probs
-            self._cache_left -= size
-        return log_probs
-
-    def score(self, max_windows: int | None = None) -> Evaluation:
-        """Score the model as it is now (wrap in ``applied(...)`` to score an allocation)."""
-        start = time.perf_counter()
+    def batches(self, max_windows: int | None = None) -> list[torch.Tensor]:
         inputs = self.windows.inputs if max_windows is None else self.windows.inputs[:max_windows]
+        return list(inputs.split(self.batch_size))
+
+    def reference_log_probs(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The 16-bit model's next-token log-probabilities for each of ``batches`` (the first
+        batches of the windows), from the cache where it holds them."""
+        keys = [(index, len(batch)) for index, batch in enumerate(batches)]  # a smaller max_windows: a shorter last batch
+        missing = [batch for key, batch in zip(keys, batches) if key not in self._cache]
+        with contextlib.closing(logits(self.reference, missing)) as computed:
+            for key in keys:
+                if key in self._cache:
+                    yield self._cache[key]
+                    continue
+                with torch.no_grad():  # never held across a yield: the caller may need gradients (descent)
+                    log_probs = torch.log_softmax(next(computed)[:, :-1], dim=-1)
+                size = log_probs.numel() * log_probs.element_size()
+                if size <= self._cache_left:
+                    self._cache[key] = log_probs
+                    self._cache_left -= size
+                yield log_probs
+
+    def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
+                 hessians: Hessians | None = None, units: UnitSet | None = None,
+                 max_windows: int | None = None) -> Evaluation:
+        """Score ``allocation`` (weights and KV caches; an empty one scores the model as it is);
+        with ``units`` also report its weights' exact bytes and average bits."""
+        start = time.perf_counter()
+        batches = self.batches(max_windows)
         nll = reference_nll = agree = 0.0
         count = 0
         window_kl: list[float] = []
-        with torch.no_grad():
-            for index, batch in enumerate(inputs.split(self.batch_size)):
-                reference = self.reference_log_probs(index, batch)
-                log_probs = torch.log_softmax(model_logits(self.model.module, batch)[:, :-1], dim=-1)
+        quantized = logits(self.model, batches, allocation, method=method, hessians=hessians, cache=self.weights)
+        with contextlib.closing(quantized), torch.no_grad():
+            for batch, reference, out in zip(batches, self.reference_log_probs(batches), quantized):
+                log_probs = torch.log_softmax(out[:, :-1], dim=-1)
                 targets = batch[:, 1:].unsqueeze(-1).to(log_probs.device)
                 nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
                 reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
@@ -179,16 +119,8 @@ class Evaluator:
                 agree += float((reference.argmax(-1) == log_probs.argmax(-1)).sum())
                 count += targets.numel()
         kl = max(math.fsum(window_kl) / len(window_kl), 0.0)  # every window has the same length
-        return Evaluation(math.exp(nll / count), kl, agree / count, count, round(time.perf_counter() - start, 3),
-                          math.exp(reference_nll / count), window_kl=tuple(window_kl))
-
-    def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
-                 hessians: Hessians | None = None, units: UnitSet | None = None,
-                 max_windows: int | None = None) -> Evaluation:
-        """Score ``allocation`` (weights and KV caches); with ``units`` also report its weights' exact bytes and average bits."""
-        with (applied(self.model, allocation, method=method, hessians=hessians, cache=self.weights),
-              kv_applied(self.model, allocation)):
-            result = self.score(max_windows)
+        result = Evaluation(math.exp(nll / count), kl, agree / count, count, round(time.perf_counter() - start, 3),
+                            math.exp(reference_nll / count), window_kl=tuple(window_kl))
         if units is not None:
             result.bytes, result.avg_bits = allocation_size(units.weights, allocation)
         return result

@@ -17,15 +17,18 @@ with ``a`` the unit's format in the allocation (so ``linear[i, a] = 0``). ``sear
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from bitalloc.quant.evaluate import Assignment, Evaluator, applied, kl_sum, model_logits, simulated
+from bitalloc.quant.evaluate import Assignment, Evaluator, kl_sum
+from bitalloc.quant.execution import logits
 from bitalloc.quant.hessian import Hessians
 from bitalloc.quant.metrics.fisher_mse import frozen
 from bitalloc.quant.quantizers import Method
+from bitalloc.quant.simulation import simulated
 from bitalloc.quant.units import as_matrix, weight_matrix
 
 
@@ -49,20 +52,21 @@ class KLGradient:
 
     def gradients(self, allocation: Mapping[str, str]) -> dict[str, torch.Tensor]:
         """``dKL/dW`` (as ``[N, K]`` matrices) of every weight unit, with ``allocation`` applied."""
-        model = self.evaluator.model.module
+        evaluator = self.evaluator
+        model = evaluator.model.module
         weights = {name: module.weight for name, module in self.modules.items()}
-        windows = self.evaluator.windows.inputs
-        positions = windows.shape[0] * (windows.shape[1] - 1)
+        batches = evaluator.batches()
+        positions = sum(batch[:, 1:].numel() for batch in batches)
         try:
-            with frozen(model), applied(self.evaluator.model, allocation, method=self.method, hessians=self.hessians,
-                                        cache=self.evaluator.weights):
+            with frozen(model):
                 for w in weights.values():
                     w.requires_grad_(True)
                     w.grad = None
-                for index, batch in enumerate(windows.split(self.evaluator.batch_size)):
-                    reference = self.evaluator.reference_log_probs(index, batch)
-                    log_probs = torch.log_softmax(model_logits(model, batch)[:, :-1], dim=-1)
-                    (kl_sum(reference, log_probs) / positions).backward()
+                quantized = logits(evaluator.model, batches, allocation, method=self.method, hessians=self.hessians,
+                                   cache=evaluator.weights)
+                with contextlib.closing(quantized):
+                    for reference, out in zip(evaluator.reference_log_probs(batches), quantized):
+                        (kl_sum(reference, torch.log_softmax(out[:, :-1], dim=-1)) / positions).backward()
                 return {name: as_matrix(self.modules[name], w.grad).detach().clone() for name, w in weights.items()}
         finally:
             for w in weights.values():

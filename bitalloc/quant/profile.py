@@ -30,9 +30,9 @@ from bitalloc.quant.llamacpp.tools import VERSION as LLAMACPP_VERSION
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
-from bitalloc.quant.metrics.streamed import streamed_errors
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method
+from bitalloc.quant.shards import sharded_errors
 from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import Unit, UnitSet
 
@@ -135,8 +135,9 @@ def model_identity(model: LoadedModel) -> str:
 
 def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, formats: list[Format],
                 method: Method, units: UnitSet, kv: KVOptions | None, hardware: str,
-                compute: dict[str, str] | None = None) -> str:
-    """A hash of everything that determines a profile's numbers (``compute``: ``compute_of`` the model)."""
+                compute: dict[str, str] | None = None, options: dict | None = None) -> str:
+    """A hash of everything that determines a profile's numbers (``compute``: ``compute_of`` the model;
+    ``options``: the metric's, such as its Hutchinson samples)."""
     payload = {
         "compute": compute, "model": fingerprint, "metric": metric, "calibration": calibration.describe(), "method": method,
         "formats": [f.name for f in formats], "units": units.names(), "ties": units.tie_groups,
@@ -144,6 +145,8 @@ def profile_key(fingerprint: str, metric: str, calibration: CalibrationSet, form
         "kv": None if kv is None else asdict(kv), "hardware": hardware, "version": FORMAT_VERSION,
         "key_version": KEY_VERSION,
     }
+    if options:  # only when given, so that the keys of profiles made with the defaults stay as they were
+        payload["options"] = options
     if any(isinstance(f, GgmlFormat) for f in formats):  # ggml's quantizers are those of the pinned llama.cpp
         payload["llama.cpp"] = LLAMACPP_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -177,13 +180,17 @@ def build_profile(
     hardware: str = "h100",
     progress: ProgressFn = no_progress,
     options: dict | None = None,
+    shards: int = 1,
 ) -> Profile:
-    """Measure every unit x format cell with ``metric`` and cost it."""
+    """Measure every unit x format cell with ``metric`` and cost it; a streamed model's cells in
+    ``shards`` block ranges (the same numbers however many: ``quant.shards``)."""
     metric_fn = get_metric(metric)
     start = time.perf_counter()
     ctx = ProfilingContext(model, units, formats, calibration, method, progress=progress, options=options or {})
     streamed = isinstance(model, StreamedModel)
-    weight_errors = streamed_errors(ctx, metric) if streamed else metric_fn(ctx)
+    if shards != 1 and not streamed:
+        raise ValueError("shards split a profile streamed block by block: stream the model (--stream), or leave shards at 1")
+    weight_errors = sharded_errors(ctx, metric, shards) if streamed else metric_fn(ctx)
     error = np.zeros((len(units), len(formats)))
     weight_rows = [i for i, u in enumerate(units.units) if u.kind == "weight"]
     error[weight_rows] = weight_errors
@@ -198,7 +205,8 @@ def build_profile(
         "model": model.spec, "metric": metric, "method": method, "calibration": calibration.describe(),
         "formats": [f.name for f in formats], "latency_source": latency_model.source, "hardware": hardware,
         **compute_of(model), "streamed": streamed,
-        "kv": None if kv is None else asdict(kv), "seconds": round(time.perf_counter() - start, 2),
+        "kv": None if kv is None else asdict(kv), **({"options": options} if options else {}),
+        "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Profile(units.units, [f.name for f in formats], error, nbytes, seconds, allowed, units.tie_groups, meta)
@@ -217,7 +225,7 @@ class ProfileCache:
                      calibration: CalibrationSet, **kwargs) -> tuple[Profile, bool]:
         """The cached profile (and ``True``), or a freshly built and stored one (and ``False``)."""
         key = profile_key(model_identity(model), metric, calibration, formats, kwargs.get("method", "rtn"), units,
-                          kwargs.get("kv"), kwargs.get("hardware", "h100"), compute_of(model))
+                          kwargs.get("kv"), kwargs.get("hardware", "h100"), compute_of(model), kwargs.get("options"))
         path = self.path(key)
         if path.exists():
             return Profile.load(path), True

@@ -189,15 +189,21 @@ class StreamedModel(LoadedModel):
             handle.remove()
         return captured
 
-    def walk(self, batches: list[torch.Tensor], visit: Callable[[int, nn.Module], ContextManager]) -> None:
-        """Run every block in order on the calibration batches, each block's outputs the next one's
-        inputs. ``visit(index, block)`` is entered with the block materialized, before it runs (hooks
-        it installs see the block's passes), and left after, while the block is still there."""
+    def walk(self, batches: list[torch.Tensor], visit: Callable[[int, nn.Module], ContextManager],
+             blocks: range | None = None) -> list[BlockInputs]:
+        """Run the blocks in order on the batches, each block's outputs the next one's inputs, and
+        return what the last block run output (as the inputs it was handed, with the new hidden
+        states). ``visit(index, block)`` is entered for each block of ``blocks`` (default: all) with
+        the block materialized, before it runs (hooks it installs see the block's passes; weights it
+        changes are the ones that run), and left after, while the block is still there. Blocks
+        before the range run only to reach it; none after it runs."""
+        blocks = range(len(self.blocks)) if blocks is None else blocks
         inputs = self.block_inputs(batches)
-        for index in range(len(self.blocks)):
-            with self.materialized(index) as block, visit(index, block):
+        for index in range(blocks.stop):
+            with self.materialized(index) as block, (visit(index, block) if index in blocks else contextlib.nullcontext()):
                 with torch.no_grad():
                     inputs = [step.with_hidden(hidden_of(block(*step.args, **step.kwargs))) for step in inputs]
+        return inputs
 
     def units(self, *, kv_cache: bool = False) -> UnitSet:
         """``units.enumerate_units`` of the skeleton, tie groups found on a materialized block."""

@@ -33,7 +33,6 @@ from bitalloc.quant.quantizers import Method
 from bitalloc.quant.targets import BuildRequest, build_target
 from bitalloc.service import jobs
 from bitalloc.service.models import LIVE_BUILD_STATES, ArtifactRecord, BuildRecord, JobRecord, PointRecord
-from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
 from bitalloc.service.storage import BlobStore
 
@@ -99,7 +98,7 @@ def get_build(session: Session, token_id: int, build_id: uuid.UUID) -> BuildReco
 
 @dataclass(frozen=True)
 class BuildInputs:
-    """What a worker needs to build: the parent job's spec (model, calibration), the point's formats."""
+    """What a worker needs to build: the parent job's spec as it ran (model, calibration), the point's formats."""
 
     spec: JobSpec
     formats: dict[str, str]
@@ -115,7 +114,7 @@ def inputs(session: Session, job_id: uuid.UUID) -> BuildInputs:
     point = session.get_one(PointRecord, build.point_id)
     name = f"bitalloc-{parent.id.hex[:8]}-point{point.id}-{build.method}-{build.target}"
     return BuildInputs(
-        JobCreate.model_validate(parent.spec).to_spec(),
+        jobs.job_spec(parent),
         dict(point.allocation.formats),
         cast(Method, build.method),
         build.target,

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from bitalloc.pipeline.run import run_job
@@ -27,7 +26,6 @@ from bitalloc.service.attempt import Attempt, Stop
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
 from bitalloc.service.models import JobRecord
-from bitalloc.service.schemas import JobCreate
 
 log = logging.getLogger("bitalloc.worker")
 
@@ -93,8 +91,6 @@ class Executor:
                 attempt.check()  # a cancel or timeout noticed after the last progress report
         except Stop as stop:
             return self._stopped(attempt, stop)
-        except ValidationError as exc:
-            return self._fail(attempt, f"invalid job spec: {exc}")
         except JOB_ERRORS as exc:
             log.info("job %s failed: %s", job.id, exc)
             return self._fail(attempt, str(exc))
@@ -104,9 +100,10 @@ class Executor:
         return self._succeed(attempt, store)
 
     def _compress(self, job: JobRecord, attempt: Attempt) -> ResultWriter:
-        """Run the pipeline; its front, points and profile are stored with the job's success."""
+        """Run the pipeline on the spec stored when the job was accepted; its front, points and
+        profile are stored with the job's success."""
         settings = self.ctx.settings
-        result = run_job(JobCreate.model_validate(job.spec).to_spec(), profile_dir=settings.profile_dir,
+        result = run_job(jobs.job_spec(job), profile_dir=settings.profile_dir,
                          policy=settings.load_policy(), progress=attempt.progress,
                          notify=lambda message: attempt.log(message, "warning"))
         compute = result.compute

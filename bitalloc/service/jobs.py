@@ -21,6 +21,7 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bitalloc.pipeline.spec import JobSpec
 from bitalloc.service.models import FINISHED_STATES, ArtifactRecord, BuildRecord, JobLogRecord, JobRecord, utcnow
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
@@ -43,7 +44,9 @@ def submit(session: Session, token_id: int, request: JobCreate, settings: Settin
     """Store a new queued job, or return the one this token already made with this key.
 
     Returns ``(job, created)``. Two concurrent submissions with one key both try to insert;
-    the unique constraint lets one win and the other returns the winner's job.
+    the unique constraint lets one win and the other returns the winner's job. The job keeps the
+    request as submitted (``spec``: what the API shows, what its hash covers) and, apart from it,
+    the pipeline's spec it will run (``run_spec``).
     """
     digest = request_hash(request)
     if idempotency_key is not None:
@@ -51,8 +54,8 @@ def submit(session: Session, token_id: int, request: JobCreate, settings: Settin
         if existing is not None:
             return _same_request(existing, digest), False
     job = JobRecord(token_id=token_id, idempotency_key=idempotency_key, request_hash=digest, state="queued",
-              spec=request.model_dump(mode="json"), progress={}, max_attempts=settings.max_attempts,
-              timeout_seconds=settings.job_timeout)
+              spec=request.model_dump(mode="json"), run_spec=request.to_spec().to_dict(), progress={},
+              max_attempts=settings.max_attempts, timeout_seconds=settings.job_timeout)
     try:
         with session.begin_nested():
             session.add(job)
@@ -75,6 +78,15 @@ def _same_request(job: JobRecord, digest: str) -> JobRecord:
     if job.request_hash != digest:
         raise IdempotencyMismatch("this Idempotency-Key was already used for a different request")
     return job
+
+
+def job_spec(job: JobRecord) -> JobSpec:
+    """The pipeline's spec a compress job runs: the one stored when the API accepted it, so a
+    schema that has since tightened cannot refuse (or reinterpret) a job it already took."""
+    if job.run_spec is None:
+        raise ValueError(f"job {job.id} was submitted before jobs kept the spec they run, and its request could "
+                         f"not be converted: submit it again")
+    return JobSpec.from_dict(job.run_spec)
 
 
 def get_job(session: Session, token_id: int, job_id: uuid.UUID) -> JobRecord | None:

@@ -97,6 +97,9 @@ class JobRecord(Base):
 
     ``kind`` says what it runs: ``compress`` (the pipeline; ``spec`` is the request) or
     ``artifact`` (a point's packed artifact; ``spec`` holds the method, ``Build`` the point).
+    A compress job's ``run_spec`` is the pipeline's spec (``JobSpec.to_dict``) as the API accepted
+    it: the worker runs that, never the request revalidated by a schema that may since have
+    changed. NULL for builds, and for a job whose request migration 0005 could not convert.
     ``lease_owner``/``lease_expires_at`` fence the worker running it: every write a worker
     makes is conditioned on still owning the lease, so a job whose worker was presumed dead
     and retried elsewhere cannot be written twice. ``deadline_at`` bounds its run time.
@@ -119,6 +122,7 @@ class JobRecord(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="queued")
     spec: Mapped[dict[str, Any]]
+    run_spec: Mapped[dict[str, Any] | None]
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None]

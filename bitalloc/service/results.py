@@ -53,7 +53,7 @@ def store_profile(session: Session, storage: BlobStore, profile_path: Path, resu
 def store(session: Session, job: models.JobRecord, result: JobResult, profile: models.ProfileRecord) -> dict:
     """Write the front, its points and allocations and the profile artifact; returns the
     job's ``result`` summary (with the chosen point's id)."""
-    solver = result.front[0].solver if len(result.front) else job.spec["solver"]  # the sweep's, not the budget's
+    solver = result.front[0].solver if len(result.front) else job.run_spec["solver"]  # the sweep's, not the budget's (it ran from run_spec)
     front = models.FrontRecord(job_id=job.id, profile_id=profile.id, axes=list(result.front.axes), solver=solver)
     session.add(front)
     chosen_key = None if result.chosen is None else result.chosen.choice

@@ -61,21 +61,33 @@ def test_the_rest_schema_reads_device_and_memory_and_keeps_hardware_apart():
 
 @pytest.mark.slow
 def test_a_streamed_job_equals_the_whole_one_and_says_where_it_computed(sharded, tmp_path, zoo):
-    whole = run_job(spec(str(sharded), evaluation=None), profile_dir=tmp_path)
-    streamed = run_job(spec(str(sharded), stream=True), profile_dir=tmp_path)
+    whole = run_job(spec(str(sharded)), profile_dir=tmp_path)
+    streamed = run_job(spec(str(sharded), stream=True, shards=2), profile_dir=tmp_path)
     assert whole.compute == {"device": "cpu", "dtype": "float32", "streamed": False}
     assert streamed.compute == {"device": "cpu", "dtype": "float32", "streamed": True}
     assert streamed.summary()["compute"] == streamed.compute and streamed.profile.meta["streamed"]
     np.testing.assert_allclose(streamed.profile.error, whole.profile.error, rtol=1e-4, atol=0)
     assert streamed.chosen.formats == whole.chosen.formats
-    assert streamed.evaluation is None and any("evaluation is skipped" in note for note in streamed.notes)
+    for figure in ("kl", "perplexity", "top1", "reference_perplexity"):  # the held-out evaluation streams too
+        assert streamed.evaluation[figure] == pytest.approx(whole.evaluation[figure], rel=1e-5), figure
+
+
+@pytest.mark.slow
+def test_a_streamed_accuracy_target_finds_the_whole_model_s_point(sharded, tmp_path, zoo):
+    target = dict(budgets=Budgets(), measured_kl=2e-3, fitness_windows=2, evaluation=None)
+    whole = run_job(spec(str(sharded), **target), profile_dir=tmp_path)
+    streamed = run_job(spec(str(sharded), stream=True, **target), profile_dir=tmp_path)
+    assert streamed.chosen.formats == whole.chosen.formats
+    assert streamed.chosen.measured == pytest.approx(whole.chosen.measured, rel=1e-4)
 
 
 def test_a_streamed_job_refuses_what_runs_the_whole_model(sharded, tmp_path, zoo):
-    with pytest.raises(ValueError, match="metric 'fisher_mse' cannot run on a model streamed"):
-        run_job(spec(str(sharded), metric="fisher_mse", stream=True), profile_dir=tmp_path)
-    with pytest.raises(ValueError, match="refine run"):
-        run_job(spec(str(sharded), refine=2, stream=True), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="metric 'kl' cannot run on a model streamed"):
+        run_job(spec(str(sharded), metric="kl", stream=True), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="descend need"):
+        run_job(spec(str(sharded), descend=2, stream=True), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="measured search with gptq need"):
+        run_job(spec(str(sharded), refine=2, method="gptq", stream=True), profile_dir=tmp_path)
 
 
 def test_cli_profile_streams_under_a_memory_cap_and_refuses_cuda_without_it(sharded, cli, tmp_path, monkeypatch):

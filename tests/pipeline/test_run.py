@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from bitalloc.pipeline import JobSpec, run_job
 from bitalloc.pipeline.problem import problem_of
+from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.profile import Profile
 from bitalloc.search import Budgets, InfeasibleBudget, solve
 from bitalloc.service.cli import app
@@ -47,6 +48,45 @@ def test_bad_budgets_and_formats_are_named(tmp_path):
         spec(budgets=Budgets(), measured_kl=float("inf"))
     with pytest.raises(ValueError, match="format 'int7_g32': integer widths"):
         run_job(spec(formats=["int7_g32"]), profile_dir=tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"budgets": Budgets(max_bytes=4096, max_avg_bits=5.5, max_latency=1e-3, max_error=0.25), "kv": KVOptions(1024, 2),
+     "bos": True, "max_memory": 2**30, "stream": True, "calibration": "zoo:calibration", "evaluation": None,
+     "method": "gptq", "descend": 2, "surrogate": 1, "refine": 3, "ties": False, "dtype": "bf16", "device": "cpu"},
+    {"budgets": Budgets(), "measured_kl": 0.05},
+], ids=["defaults", "everything-set", "accuracy-target"])
+def test_a_spec_survives_its_json_round_trip(overrides):
+    """What the service stores for the worker (through JSON) runs as the very spec it was made from."""
+    original = spec(**overrides)
+    data = json.loads(json.dumps(original.to_dict()))
+    assert data == original.to_dict()
+    assert data["budgets"] == {"max_bytes": original.budgets.max_bytes, "max_avg_bits": original.budgets.max_avg_bits,
+                               "max_latency": original.budgets.max_latency, "max_error": original.budgets.max_error}
+    assert data["kv"] == (None if original.kv is None else {"context": original.kv.context, "batch": original.kv.batch})
+    rebuilt = JobSpec.from_dict(data)
+    assert rebuilt == original and isinstance(rebuilt.budgets, Budgets)
+    assert original.kv is None or isinstance(rebuilt.kv, KVOptions)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "blue"}, r"job spec has unknown keys \['colour'\]"),
+    ({"budgets": {"max_bits": 4}}, r"budgets has unknown keys \['max_bits'\]"),
+    ({"kv": {"context": 8, "heads": 2}}, r"kv has unknown keys \['heads'\]"),
+    ({"kv": [8, 1]}, "kv must be a mapping"),
+    ({"descend": -1}, "descend must be 0"),
+    ({"measured_kl": 0.1}, "measured_kl asks for the smallest allocation"),
+], ids=["unknown", "unknown-budget", "unknown-kv", "kv-list", "post-init", "target-with-budgets"])
+def test_a_stored_spec_that_is_not_one_is_refused_by_name(change, message):
+    with pytest.raises(ValueError, match=message):
+        JobSpec.from_dict({**spec().to_dict(), **change})
+
+
+def test_a_stored_spec_without_its_model_names_what_it_lacks():
+    without_model = {key: value for key, value in spec().to_dict().items() if key != "model"}
+    with pytest.raises(ValueError, match=r"job spec lacks the keys \['model'\]"):
+        JobSpec.from_dict(without_model)
 
 
 def test_cli_profile_solve_front_and_run(tmp_path, zoo, monkeypatch):

@@ -106,3 +106,27 @@ def test_untied_jobs_drop_the_tie_groups_and_never_predict_worse(tmp_path, zoo):
     assert tied.profile.tie_groups and untied.chosen.avg_bits <= 5.0
     assert untied.chosen.error <= tied.chosen.error + 1e-12  # a relaxation of the same problem
     assert JobCreate(model="factory:tiny-llama", formats=["int4_g32"], ties=False).to_spec().ties is False
+
+
+def test_the_recipe_is_the_job_s_steps_with_its_parameters():
+    from bitalloc.pipeline.steps import Baseline, Descend, Refine, Solve, Surrogate, Target, recipe
+
+    assert recipe(spec(descend=3, refine=2)) == [Solve(Budgets(max_avg_bits=5.0), "dp"), Descend(3), Refine(2)]
+    assert recipe(spec(budgets=Budgets(), measured_kl=0.1, surrogate=4)) == [Target(0.1), Surrogate(4)]
+    assert [type(step) for step in recipe(spec(baseline="hawq_v3"))] == [Baseline]
+
+
+def test_a_workspace_posing_another_problem_shares_what_it_measured(tmp_path, tiny_llama):
+    from bitalloc.pipeline.steps import Workspace
+    from bitalloc.quant.calibration import calibration_for
+    from bitalloc.quant.formats import parse_formats
+    from bitalloc.quant.profile import build_profile
+
+    units = tiny_llama.units()
+    calibration = calibration_for(tiny_llama, "zoo:calibration", seq_len=32, count=2)
+    profile = build_profile(tiny_llama, units, parse_formats(FORMATS), "output_mse", calibration)
+    work = Workspace(spec(), tiny_llama, units, calibration, problem_of(profile), tmp_path, lambda message: None)
+    untied = work.with_problem(problem_of(profile, ties=False))
+    assert untied.problem.tie_groups == () and work.problem.tie_groups
+    work.fitness  # noqa: B018  (measured on the tied workspace first)
+    assert work.with_problem(untied.problem).fitness is work.fitness

@@ -12,10 +12,11 @@ from torch import nn
 from bitalloc.kernels.quant_linear import Fp8Linear, QuantLinear
 from bitalloc.quant.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, build_artifact, load_artifact
 from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
-from bitalloc.quant.evaluate import Evaluator, applied
+from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import IntFormat, get_format
 from bitalloc.quant.hessian import collect_hessians
 from bitalloc.quant.quantizers import simulate
+from bitalloc.quant.simulation import applied
 from bitalloc.quant.units import enumerate_units, weight_matrix
 
 # One format per storage path, in the tiny Llama's unit order (layer 0: q k v o gate up down,
@@ -80,7 +81,7 @@ def test_the_loaded_artifact_computes_what_simulation_scored(tiny_llama, tiny_al
     weights_only = {name: f for name, f in tiny_allocation.items() if not name.startswith("kv.")}
     windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=2)
     simulated = Evaluator(tiny_llama, windows).evaluate(weights_only)
-    measured = Evaluator(tiny_loaded, windows).score()
+    measured = Evaluator(tiny_loaded, windows).evaluate({})
     assert measured.perplexity == pytest.approx(simulated.perplexity, rel=1e-6)
     assert simulated.kl > 0  # the allocation changes the model
 

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from bitalloc.quant.artifact import ArtifactError, write_checkpoint
 from bitalloc.quant.artifact import compressed_tensors as checkpoint_module
 from bitalloc.quant.calibration import calibration_tokens, evaluation_tokens
-from bitalloc.quant.evaluate import applied
 from bitalloc.quant.export import export_allocation
 from bitalloc.quant.formats import IntFormat, get_format
 from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.simulation import applied
 from bitalloc.quant.units import enumerate_units
 
 # The tiny Llama's rows are 64 long (160 for down_proj), so its groups are 32 or 64 (int4_g128 needs K % 128 == 0).

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from bitalloc.quant.calibration import evaluation_tokens
-from bitalloc.quant.evaluate import Evaluator, allocation_size, applied, uniform
+from bitalloc.quant.evaluate import Evaluator, allocation_size, uniform
 from bitalloc.quant.formats import get_format
+from bitalloc.quant.simulation import applied
 from bitalloc.quant.units import enumerate_units
 
 
@@ -74,11 +75,11 @@ def test_fewer_windows_then_all_score_as_a_fresh_evaluator(tiny_llama):
 
 
 def test_the_weight_cache_quantizes_each_cell_once(tiny_llama, monkeypatch):
-    import bitalloc.quant.evaluate
+    import bitalloc.quant.simulation
 
     calls = []
-    real = bitalloc.quant.evaluate.simulate
-    monkeypatch.setattr(bitalloc.quant.evaluate, "simulate", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    real = bitalloc.quant.simulation.simulate
+    monkeypatch.setattr(bitalloc.quant.simulation, "simulate", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     windows = evaluation_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, max_windows=2)
     units = enumerate_units(tiny_llama.module).weights
     cached = Evaluator(tiny_llama, windows, weight_cache_bytes=1e9)

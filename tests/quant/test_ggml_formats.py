@@ -146,9 +146,9 @@ def test_method_gptq_simulates_ggml_types_with_the_calibration_importance_matrix
     from torch import nn
 
     from bitalloc.quant.calibration import CalibrationSet
-    from bitalloc.quant.evaluate import applied
     from bitalloc.quant.loading import LoadedModel
     from bitalloc.quant.metrics.context import ProfilingContext
+    from bitalloc.quant.simulation import applied
     from bitalloc.quant.units import enumerate_units
 
     torch.manual_seed(2)

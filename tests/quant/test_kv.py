@@ -80,11 +80,11 @@ def evaluator(tiny_llama, windows):
 
 def test_kv_kl_is_zero_at_16_bits_and_grows_as_bits_shrink(tiny_llama, evaluator):
     with kv_applied(tiny_llama, {"kv.0.key": "bf16", "kv.0.value": "fp16", "kv.1.value": "bf16"}):
-        assert evaluator.score().kl == 0.0
+        assert evaluator.evaluate({}).kl == 0.0
     kl = {}
     for fmt in ("int2_g32", "int8_g32"):
         with kv_applied(tiny_llama, {"kv.0.value": fmt}):
-            kl[fmt] = evaluator.score().kl
+            kl[fmt] = evaluator.evaluate({}).kl
     assert kl["int2_g32"] > 10 * kl["int8_g32"] > 0
     with pytest.raises(ValueError, match="own cache"), kv_applied(tiny_llama, {"kv.0.value": "int2_g32"}):
         tiny_llama.module(torch.arange(4)[None], past_key_values=DynamicCache())

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bitalloc.quant.calibration import calibration_tokens
-from bitalloc.quant.evaluate import Evaluator, applied, uniform
+from bitalloc.quant.evaluate import Evaluator, uniform
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.quantizers import simulate
+from bitalloc.quant.simulation import applied
 from bitalloc.quant.units import enumerate_units, weight_matrix
 
 FORMATS = ["int2_g32", "int4_g32", "int8_g32"]
@@ -36,7 +37,7 @@ def kl_with(evaluator, allocation, name, delta) -> float:
     with applied(evaluator.model, allocation, cache=evaluator.weights):
         with torch.no_grad():
             module.weight.add_(delta)
-        return evaluator.score().kl
+        return evaluator.evaluate({}).kl
 
 
 def test_linear_cells_match_central_differences_of_the_measured_kl(setup) -> None:

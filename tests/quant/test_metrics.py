@@ -122,6 +122,19 @@ def test_hutchinson_trace_matches_the_exact_hessian_trace():
     assert estimated == pytest.approx(exact, abs=4 * standard_error)
 
 
+def test_hessian_trace_on_the_first_windows_is_the_trace_of_those_windows_alone(tiny_ctx):
+    options = {"hutchinson_samples": 2}
+    first = ProfilingContext(tiny_ctx.model, tiny_ctx.units, tiny_ctx.formats, tiny_ctx.calibration.head(2, 16),
+                             batch_size=2, options=options)
+    subset = ProfilingContext(tiny_ctx.model, tiny_ctx.units, tiny_ctx.formats, tiny_ctx.calibration, batch_size=2,
+                              options={**options, "hutchinson_windows": 2, "hutchinson_tokens": 16})
+    whole = ProfilingContext(tiny_ctx.model, tiny_ctx.units, tiny_ctx.formats, tiny_ctx.calibration, batch_size=2,
+                             options=options)
+    on_subset = METRICS["hessian_trace"](subset)
+    np.testing.assert_allclose(on_subset, METRICS["hessian_trace"](first), rtol=1e-6)
+    assert not np.allclose(on_subset, METRICS["hessian_trace"](whole), rtol=1e-3)  # the option does cut the text
+
+
 def test_hessian_trace_grows_with_the_perturbation(tiny_ctx):
     errors = METRICS["hessian_trace"](ProfilingContext(
         tiny_ctx.model, tiny_ctx.units, tiny_ctx.formats, tiny_ctx.calibration, batch_size=4,

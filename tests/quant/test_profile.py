@@ -67,6 +67,18 @@ def test_cache_hit_skips_the_work(tiny_llama, tiny_setup, tmp_path, monkeypatch)
     assert not hit_other and len(calls) == 2
 
 
+def test_a_metric_s_options_are_part_of_the_cache_key(tiny_llama, tiny_setup, tmp_path):
+    units, calibration = tiny_setup
+    cache = ProfileCache(tmp_path)
+    few = {"hutchinson_samples": 1, "hutchinson_windows": 1}
+    first, _ = cache.get_or_build(tiny_llama, units, FORMATS, "hessian_trace", calibration, options=few)
+    again, hit = cache.get_or_build(tiny_llama, units, FORMATS, "hessian_trace", calibration, options=dict(few))
+    other, hit_other = cache.get_or_build(tiny_llama, units, FORMATS, "hessian_trace", calibration,
+                                          options={**few, "hutchinson_seed": 3})
+    assert hit and not hit_other and first.meta["options"] == few
+    assert not np.array_equal(first.error, other.error)  # another seed, other vectors: the cache kept them apart
+
+
 def test_kv_units_are_costed_per_context(tiny_llama):
     from bitalloc.quant.costs import unit_bytes
     from bitalloc.quant.kv import kv_bytes_per_token

@@ -66,6 +66,19 @@ def test_streamed_hessian_trace_equals_the_whole_model_with_the_same_seed(sharde
     assert not np.allclose(other, cells[0], rtol=1e-2)  # the seed matters: the agreement is not by chance
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_fisher_mse_equals_the_whole_model_in_fp32(sharded, calibration, method):
+    """The output Fisher pulled back block by block from the head, with the labels drawn in the
+    same order from the same generator, is the whole model's backward pass."""
+    options = {"fisher_seed": 5}
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    cells = [build_profile(m, m.units(), FORMATS, "fisher_mse", calibration, method=method, options=options).error
+             for m in (whole, streamed)]
+    assert np.all(cells[0] > 0)
+    np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=0)
+
+
 def test_bf16_streams_the_same_way_and_agrees_with_fp32(sharded, calibration):
     """bf16 (weights and activations rounded to bf16, the Hessian sums in fp32 and wider) streamed
     equals bf16 loaded whole within 1e-4, and fp32 within 10 % per cell and 2.5 % in the median,
@@ -129,8 +142,8 @@ def test_load_within_streams_only_what_does_not_fit(sharded):
 
 def test_metrics_that_need_the_whole_model_are_refused_by_name(sharded, calibration):
     model = open_streamed(sharded, str(sharded), torch.float32, CPU)
-    with pytest.raises(ValueError, match="metric 'fisher_mse' cannot run on a model streamed"):
-        build_profile(model, model.units(), FORMATS, "fisher_mse", calibration)
+    with pytest.raises(ValueError, match="metric 'fisher' cannot run on a model streamed"):
+        build_profile(model, model.units(), FORMATS, "fisher", calibration)
     with pytest.raises(ValueError, match="KV-cache units"):
         build_profile(model, model.units(kv_cache=True), FORMATS, "output_mse", calibration)
 
@@ -159,3 +172,76 @@ def test_streamed_smollm2_equals_the_whole_model(smollm2, zoo):
     stream = build_profile(streamed, streamed.units(), formats, "output_mse", calibration)
     assert stream.unit_names == whole.unit_names
     np.testing.assert_allclose(stream.error, whole.error, rtol=1e-4, atol=0)
+
+
+def test_a_streamed_model_evaluates_as_the_model_held_whole(sharded, calibration):
+    """Held-out scoring and the fitness measure run through ``quant.execution``: block by block,
+    each block's units quantized while it is read, they give the whole model's figures."""
+    from bitalloc.quant.evaluate import Evaluator, MeasuredKL
+
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    units = whole.units().weights
+    allocation = {u.name: ("int2_g32" if i % 3 == 0 else "int4_g32_asym") for i, u in enumerate(units)}
+    windows = calibration.head(5)  # two batches of two windows and one of one
+    scored = [Evaluator(model, windows, batch_size=2).evaluate(allocation) for model in (whole, streamed)]
+    assert scored[0].kl > 1e-4  # the allocation changes the (random-weight) model
+    assert scored[1].kl == pytest.approx(scored[0].kl, rel=1e-5)
+    assert scored[1].perplexity == pytest.approx(scored[0].perplexity, rel=1e-5)
+    assert scored[1].reference_perplexity == pytest.approx(scored[0].reference_perplexity, rel=1e-5)
+    np.testing.assert_allclose(scored[1].window_kl, scored[0].window_kl, rtol=1e-4)
+    nothing = Evaluator(streamed, windows, batch_size=2).evaluate({})
+    assert nothing.kl == pytest.approx(0.0, abs=1e-7)  # the checkpoint is read as it is: the weights were put back
+
+    measure = MeasuredKL(Evaluator(streamed, windows, batch_size=2))
+    fewer = measure(types_namespace(allocation), samples=2 * 32)
+    np.testing.assert_allclose(fewer, scored[0].window_kl[:2], rtol=1e-4)
+
+
+def test_gradients_through_a_streamed_model_are_refused_clearly(sharded, calibration):
+    from bitalloc.quant.execution import logits
+
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    with pytest.raises(ValueError, match="gradients cannot flow through a model streamed"):
+        next(logits(streamed, [calibration.inputs[:1]]))
+
+
+def types_namespace(allocation: dict[str, str]):
+    """An assignment as ``search.Allocation`` hands it over: something with ``formats``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(formats=allocation)
+
+
+@pytest.mark.parametrize("metric", ["output_mse", "fisher_mse", "hessian_trace"])
+def test_a_profile_measured_in_block_range_shards_is_the_unsharded_one(sharded, calibration, metric):
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    short = calibration.head(4, 16)
+    options = {"hutchinson_samples": 2}
+    one, two = (build_profile(streamed, streamed.units(), FORMATS, metric, short, options=options, shards=n).error
+                for n in (1, 2))  # the tiny model has two blocks
+    assert np.all(one != 0)
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=0)
+
+
+def test_shards_cover_the_blocks_and_a_merge_refuses_holes_and_repeats():
+    from bitalloc.quant.shards import ShardRows, merge, plan
+
+    layout = plan(7, 3)
+    assert [list(s.blocks) for s in layout] == [[0, 1], [2, 3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="between 1 and the model's 7 decoder blocks"):
+        plan(7, 8)
+    parts = [ShardRows(0, [0, 1], np.ones((2, 2))), ShardRows(1, [2], np.full((1, 2), 2.0))]
+    two = plan(2, 2)
+    np.testing.assert_array_equal(merge(two, parts, 3, 2), [[1, 1], [1, 1], [2, 2]])
+    with pytest.raises(ValueError, match="from shards \\[0\\]"):
+        merge(two, parts[:1], 3, 2)
+    with pytest.raises(ValueError, match="from shards \\[0, 1, 1\\]"):
+        merge(two, [*parts, parts[1]], 3, 2)
+    with pytest.raises(ValueError, match="exactly once"):
+        merge(two, [parts[0], ShardRows(1, [1], np.ones((1, 2)))], 3, 2)
+
+
+def test_shards_split_only_a_streamed_profile(tiny_llama, calibration):
+    with pytest.raises(ValueError, match="shards split a profile streamed block by block"):
+        build_profile(tiny_llama, tiny_llama.units(), FORMATS, "output_mse", calibration, shards=2)

@@ -136,7 +136,10 @@ def test_dp_matches_ilp_where_brute_force_cannot_reach(problem, where: float, ki
     table = solve(problem, budgets, solver="dp")
     assert_valid(problem, table, budgets)
     exact = solve(problem, budgets, solver="ilp")
-    assert table.error >= exact.error - 2 * problem.tolerance("error")
+    if exact.info["optimal"]:  # CP-SAT proved it: the DP can be no better
+        assert table.error >= exact.error - 2 * problem.tolerance("error")
+    else:  # CP-SAT's time limit came first (a loaded machine): its answer is feasible, so no better than the DP's
+        assert table.error <= exact.error + 2 * problem.tolerance("error")
     tighter = limit - table.info["slack"] if metric == "latency" else int(limit) - table.info["slack"]
     if tighter >= lo:  # below the cheapest allocation the guarantee says nothing
         assert table.error <= solve(problem, Budgets(**{kind: tighter}), solver="ilp").error + 2 * problem.tolerance("error")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from rq import SimpleWorker
 from service_helpers import bearer, job_body, running_app, wait_until_finished
-from sqlalchemy import select, update
+from sqlalchemy import null, select, update
 
 from bitalloc.quant.artifact import ArtifactError, load_artifact
 from bitalloc.quant.llamacpp import tools as llamacpp_tools
@@ -65,14 +65,18 @@ def check_built(client, ctx, headers: dict, build: dict, point: dict, tmp_path) 
 def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo):
     """SQLite + the in-process worker: build a point as RTN, download and load it; asking again returns
     that build; another token sees nothing; a failing build fails with its reason and a new request
-    builds afresh (GPTQ); the jobs list shows compression jobs only; deleting the job takes its builds
-    and their stored tars."""
+    builds afresh (GPTQ); builds run the job's stored spec, not its request (which today's schema may
+    refuse), and fail asking for the job again where it has none; the jobs list shows compression jobs
+    only; deleting the job takes its builds and their stored tars."""
     with running_app(embedded_settings) as (client, ctx):
         owner, other = bearer(ctx, "owner"), bearer(ctx, "other")
         job_id = client.post("/v1/jobs", json=job_body(), headers=owner).json()["id"]
         wait_until_finished(client, owner, job_id)
         point = chosen_point(client, owner, job_id)
         url = f"/v1/jobs/{job_id}/points/{point['id']}/artifact"
+        with ctx.sessions.begin() as session:  # a request today's schema refuses: builds read the job's run_spec
+            session.execute(update(models.JobRecord).where(models.JobRecord.id == uuid.UUID(job_id))
+                            .values(spec={**job_body(), "colour": "blue"}))
 
         response = client.post(url, json={"method": "rtn"}, headers=owner)
         assert response.status_code == 202, response.text
@@ -116,6 +120,14 @@ def test_embedded_build_end_to_end(embedded_settings, tmp_path, monkeypatch, zoo
         gptq = wait_for_build(client, owner, retried.json()["id"])
         manifest = check_built(client, ctx, owner, gptq, point, tmp_path)
         assert manifest["calibration"] is not None and gptq["artifact"]["sha256"] != built["artifact"]["sha256"]
+
+        with ctx.sessions.begin() as session:  # as migration 0005 leaves a job whose request it cannot read
+            session.execute(update(models.JobRecord).where(models.JobRecord.id == uuid.UUID(job_id))
+                            .values(run_spec=null()))
+        unrunnable = client.post(url, json={"target": "compressed-tensors"}, headers=owner).json()
+        failed = wait_for_build(client, owner, unrunnable["id"])
+        assert failed["state"] == "failed" and failed["error"].endswith("could not be converted: submit it again")
+        assert f"job {job_id} was submitted before" in failed["error"]
 
         listed = client.get("/v1/jobs", headers=owner).json()
         assert listed["total"] == 1 and [j["id"] for j in listed["items"]] == [job_id]

@@ -46,7 +46,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
 def test_migrations_run_up_down_and_up_again(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0004"
+    assert current_revision(engine) == head_revision() == "0005"
     assert TABLES <= set(inspect(engine).get_table_names())
     upgrade(engine)  # again: a no-op, as at every start
     with engine.begin() as connection:
@@ -55,7 +55,7 @@ def test_migrations_run_up_down_and_up_again(empty_database):
         command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(engine)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     engine.dispose()
 
 
@@ -64,6 +64,14 @@ def jobs_table(*more: ColumnClause) -> TableClause:
     return table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), *more,
                  *(column(name) for name in ("token_id", "request_hash", "state", "spec", "progress", "attempts",
                                              "max_attempts", "timeout_seconds", "cancel_requested")))
+
+
+def json_jobs_table(*more: ColumnClause) -> TableClause:
+    """The jobs table as 0002 left it (plus ``more``), its request read and written as JSON."""
+    return table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), column("spec", JSON),
+                 column("progress", JSON), *more, *(column(name) for name in (
+                     "kind", "token_id", "request_hash", "state", "attempts", "max_attempts", "timeout_seconds",
+                     "cancel_requested")))
 
 
 def test_builds_migration_keeps_every_job_as_a_compression_job_and_its_downgrade_only_drops_builds(empty_database):
@@ -99,10 +107,7 @@ def test_builds_migration_keeps_every_job_as_a_compression_job_and_its_downgrade
 def test_stored_requests_name_the_latency_target_hardware_after_0003_and_device_after_the_downgrades(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine, "0002")
-    jobs = table("jobs", column("id", Uuid), column("created_at", DateTime(timezone=True)), column("spec", JSON),
-                 column("progress", JSON), *(column(name) for name in (
-                     "kind", "token_id", "request_hash", "state", "attempts", "max_attempts", "timeout_seconds",
-                     "cancel_requested")))
+    jobs = json_jobs_table()
     before = {"model": "zoo:llm", "formats": ["int4_g128"], "device": "a100", "points": 8}
     with engine.begin() as connection:
         connection.execute(text("INSERT INTO tokens (id, name, token_hash, prefix, created_at) "
@@ -179,13 +184,63 @@ def test_builds_made_before_targets_are_bitalloc_builds_whose_request_hash_still
     engine.dispose()
 
 
+def test_compress_jobs_get_the_spec_they_run_from_their_request_and_the_downgrade_only_drops_it(empty_database):
+    """0005: a stored request gets the pipeline's spec today's schema makes of it (the schema checks the
+    migration's frozen copy of the conversion), defaults filled in for a request older than some fields;
+    a request it cannot read, and a build, keep NULL. The downgrade keeps every job and its log."""
+    from bitalloc.service.schemas import JobCreate
+
+    engine = make_engine(empty_database)
+    upgrade(engine, "0004")
+    requests = {
+        "api": JobCreate.model_validate(job_body(
+            metric="fisher_mse", budgets={"kl": 0.5, "bytes": 4096, "latency": 0.01}, kv_cache={"context": 64},
+            calibration={"source": "zoo:calibration", "seq_len": 32, "samples": 4, "bos": True},
+            evaluation={"source": None}, max_memory="1GiB", device="cpu", dtype="bf16", method="gptq", descend=2,
+            ties=False)).model_dump(mode="json"),
+        "target": JobCreate.model_validate(job_body(budgets={"measured_kl": 0.05})).model_dump(mode="json"),
+        "old": {"model": "zoo:llm", "formats": ["int4_g128"], "hardware": "a100", "points": 8},
+    }
+    unreadable = {"model": "zoo:llm", "formats": ["int4_g128"], "budgets": {"bits": 4}}
+    jobs = json_jobs_table(column("run_spec", JSON))
+    logs = table("job_logs", column("job_id", Uuid), column("at", DateTime(timezone=True)), column("level"),
+                 column("message"))
+    ids = {name: uuid.uuid4() for name in [*requests, "unreadable", "build"]}
+    row = {"token_id": 1, "state": "queued", "progress": {}, "attempts": 0, "max_attempts": 3, "timeout_seconds": 60.0,
+           "cancel_requested": False, "created_at": datetime.now(UTC)}
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tokens (id, name, token_hash, prefix, created_at) "
+                                "VALUES (1, 't', 'h', 'p', CURRENT_TIMESTAMP)"))
+        for name, spec in [*requests.items(), ("unreadable", unreadable), ("build", {"method": "rtn"})]:
+            kind = "artifact" if name == "build" else "compress"
+            connection.execute(insert(json_jobs_table()).values(id=ids[name], kind=kind, request_hash=name, spec=spec,
+                                                                **row))
+        connection.execute(insert(logs).values(job_id=ids["api"], at=datetime.now(UTC), level="info", message="kept"))
+    upgrade(engine)
+    with engine.connect() as connection:
+        stored = dict(connection.execute(select(jobs.c.id, jobs.c.run_spec)).all())
+    for name, request in requests.items():
+        assert stored[ids[name]] == JobCreate.model_validate(request).to_spec().to_dict(), name
+    assert stored[ids["api"]]["kv"] == {"context": 64, "batch": 1} and stored[ids["api"]]["max_memory"] == 2**30
+    assert stored[ids["unreadable"]] is None and stored[ids["build"]] is None
+    with engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+    assert "run_spec" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    with engine.connect() as connection:
+        assert sorted(connection.execute(select(jobs.c.request_hash)).scalars()) == sorted(ids)
+        assert connection.execute(select(logs.c.message)).scalars().all() == ["kept"]
+    engine.dispose()
+
+
 def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("BITALLOC_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     try:
         runner = CliRunner()
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "revision 0004" in upgraded.output
+        assert upgraded.exit_code == 0 and "revision 0005" in upgraded.output
         created = runner.invoke(app, ["token", "create", "--name", "ci"])
         assert created.exit_code == 0, created.output
         secret = created.stdout.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from rq import SimpleWorker
 from service_helpers import bearer, job_body, running_app, uvicorn_server
-from sqlalchemy import func, select, update
+from sqlalchemy import func, null, select, update
 
 from bitalloc.service import executor, jobs, reaper, results, worker
 from bitalloc.service.app import create_app
@@ -122,6 +122,30 @@ def test_two_workers_racing_for_one_job_claim_it_once(ctx):
         assert jobs.claim(session, job_id, "b", 60) is None
         other = jobs.claim_next(session, "b", 60)  # the shared PostgreSQL schema may hold other tests' jobs
         assert other is None or other.id != job_id
+
+
+def test_a_job_runs_the_spec_it_was_accepted_with_even_if_the_schema_now_refuses_its_request(ctx, zoo):
+    """The worker runs the stored ``run_spec``: a request that today's schema would refuse (a field since
+    removed, a range since tightened) neither fails the job nor changes what it computes."""
+    job_id = queued_job(ctx)
+    refused = {**job_body(), "colour": "blue", "points": 1}
+    with pytest.raises(ValueError):
+        JobCreate.model_validate(refused)
+    with transaction(ctx.sessions) as session:
+        session.execute(update(JobRecord).where(JobRecord.id == job_id).values(spec=refused))
+    assert executor.Executor(ctx).run(job_id) == "succeeded", job_row(ctx, job_id).error
+    job = job_row(ctx, job_id)
+    assert job.spec == refused and job.run_spec["points"] == 6
+
+
+def test_a_job_without_a_stored_run_spec_fails_asking_to_be_submitted_again(ctx):
+    job_id = queued_job(ctx)
+    with transaction(ctx.sessions) as session:  # as migration 0005 leaves a request it cannot read
+        session.execute(update(JobRecord).where(JobRecord.id == job_id).values(run_spec=null()))
+    assert executor.Executor(ctx).run(job_id) == "failed"
+    job = job_row(ctx, job_id)
+    assert job.error == (f"job {job_id} was submitted before jobs kept the spec they run, and its request could not "
+                         f"be converted: submit it again")
 
 
 def test_a_crash_while_storing_results_leaves_no_half_written_front(ctx, monkeypatch, zoo):

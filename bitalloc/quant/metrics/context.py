@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from bitalloc.quant.calibration import CalibrationSet
-from bitalloc.quant.evaluate import QuantizedWeights
 from bitalloc.quant.formats import Format
 from bitalloc.quant.hessian import Hessians, calibration_hessians
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method, simulate, uses_importance
+from bitalloc.quant.simulation import QuantizedWeights
 from bitalloc.quant.units import Unit, UnitSet, weight_matrix
 
 

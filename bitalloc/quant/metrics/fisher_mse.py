@@ -39,13 +39,25 @@ from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.units import Unit
 
 
-def _log_probs(module: nn.Module, batch: torch.Tensor, tokens: bool) -> torch.Tensor:
+def log_probs_of(module: nn.Module, batch: torch.Tensor, tokens: bool) -> torch.Tensor:
     """Log-probabilities ``[positions, classes]``: next tokens of a window, or a classifier's classes."""
     output = module(batch, use_cache=False) if tokens else module(batch)
     logits = output.logits if hasattr(output, "logits") else output
     if tokens:
         logits = logits[:, :-1]
     return torch.log_softmax(logits.float().flatten(0, -2), dim=-1)
+
+
+def sampled_score(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The summed log-likelihood of labels drawn from the model's own distribution (one per position)."""
+    labels = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).to(log_probs.device)
+    return log_probs.gather(-1, labels).sum()
+
+
+def channel_squares(module: nn.Module, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The per-channel sum of squares (float64, on the CPU) of an output gradient, and its row count."""
+    flat = _channels_last(module, grad.detach()).double()
+    return (flat ** 2).sum(0).cpu(), flat.shape[0]
 
 
 def _channels_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -91,21 +103,20 @@ def output_fisher(ctx: ProfilingContext, units: list[Unit], generator: torch.Gen
         return hook
 
     handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
-    batches = ctx.calibration.batches(ctx.options.get("fisher_batch_size", 2))
+    batches = fisher_batches(ctx)
     try:
         with frozen(ctx.module):
             for b, batch in enumerate(batches):
-                log_probs = _log_probs(ctx.module, batch.to(modules[0].weight.device), ctx.calibration.tokens)
-                labels = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).to(log_probs.device)
-                score = log_probs.gather(-1, labels).sum()
+                log_probs = log_probs_of(ctx.module, batch.to(modules[0].weight.device), ctx.calibration.tokens)
+                score = sampled_score(log_probs, generator)
                 order = sorted(outputs)
                 grads = torch.autograd.grad(score, [outputs[i] for i in order], allow_unused=True)
                 for i, grad in zip(order, grads):
                     if grad is None:  # an output the log-likelihood does not depend on: no sensitivity
                         continue
-                    flat = _channels_last(modules[i], grad.detach()).double()
-                    sums[i] += (flat ** 2).sum(0).cpu()
-                    rows[i] += flat.shape[0]
+                    squares, count = channel_squares(modules[i], grad)
+                    sums[i] += squares
+                    rows[i] += count
                 outputs.clear()
                 ctx.progress(b + 1, len(batches), "output fisher")
     finally:
@@ -115,9 +126,23 @@ def output_fisher(ctx: ProfilingContext, units: list[Unit], generator: torch.Gen
 
 
 def fisher_mse(ctx: ProfilingContext) -> np.ndarray:
+    return fisher_cells(ctx, output_fisher(ctx, ctx.weight_units, fisher_generator(ctx)))
+
+
+def fisher_generator(ctx: ProfilingContext) -> torch.Generator:
+    """The generator the sampled labels are drawn from (option ``fisher_seed``): the same labels
+    for the same model and windows, held whole or streamed."""
+    return torch.Generator().manual_seed(int(ctx.options.get("fisher_seed", 0)))
+
+
+def fisher_batches(ctx: ProfilingContext) -> list[torch.Tensor]:
+    """The calibration batches the output Fisher is taken on (option ``fisher_batch_size``, default 2)."""
+    return ctx.calibration.batches(ctx.options.get("fisher_batch_size", 2))
+
+
+def fisher_cells(ctx: ProfilingContext, fisher: list[torch.Tensor]) -> np.ndarray:
+    """The cells of ``ctx``'s weight units from their output Fisher ``G`` and input Hessians."""
     units = ctx.weight_units
-    generator = torch.Generator().manual_seed(int(ctx.options.get("fisher_seed", 0)))
-    fisher = output_fisher(ctx, units, generator)
     hessians = ctx.hessians
     samples = ctx.calibration.samples
     errors = np.zeros((len(units), len(ctx.formats)))

@@ -15,7 +15,11 @@ The trace comes from Hutchinson's estimator: ``Tr(H) = E[v^T H v]`` for Rademach
 with its own graph). One product serves every unit at once: each unit's share
 ``v_u . (H v)_u`` estimates that unit's own trace, since the ``v`` of different units are
 independent and the cross terms average to zero. Options (``ctx.options``):
-``hutchinson_samples`` (vectors per calibration batch, default 16) and ``hutchinson_seed``.
+``hutchinson_samples`` (vectors per calibration batch, default 16), ``hutchinson_seed``, and
+``hutchinson_windows`` / ``hutchinson_tokens``: trace on the first windows of the calibration
+set, cut to their first tokens (HAWQ traces on a few batches; a double backward pass per
+vector over every window is the profile's most expensive part). The perturbations are
+always those of the whole calibration set's quantizer.
 Each unit's vector is drawn from a generator of its own, seeded by (seed, batch, sample, unit):
 a model streamed block by block (``metrics.streamed``) draws the very same vectors.
 
@@ -27,6 +31,7 @@ error is kept as measured rather than hidden, and ``hutchinson_traces`` exposes 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -73,8 +78,14 @@ def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, see
 
 
 def hessian_trace(ctx: ProfilingContext) -> np.ndarray:
-    samples = int(ctx.options.get("hutchinson_samples", DEFAULT_SAMPLES))
-    return trace_errors(ctx, hutchinson_traces(ctx, samples, int(ctx.options.get("hutchinson_seed", 0))))
+    options = ctx.options
+    samples = int(options.get("hutchinson_samples", DEFAULT_SAMPLES))
+    windows, tokens = options.get("hutchinson_windows"), options.get("hutchinson_tokens")
+    traced = ctx
+    if windows is not None or tokens is not None:
+        subset = ctx.calibration.head(int(windows or len(ctx.calibration.inputs)), None if tokens is None else int(tokens))
+        traced = replace(ctx, calibration=subset)
+    return trace_errors(ctx, hutchinson_traces(traced, samples, int(options.get("hutchinson_seed", 0))))
 
 
 def trace_errors(ctx: ProfilingContext, traces: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from bitalloc.quant.formats import IntFormat
-from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.metrics.kl import kl_evaluator
 from bitalloc.quant.units import Unit
@@ -31,8 +30,7 @@ def kv_errors(ctx: ProfilingContext, kv_units: list[Unit]) -> np.ndarray:
     done, total = 0, len(kv_units) * len(integer)
     for i, unit in enumerate(kv_units):
         for j in integer:
-            with kv_applied(ctx.model, {unit.name: ctx.formats[j].name}):
-                errors[i, j] = evaluator.score().kl
+            errors[i, j] = evaluator.evaluate({unit.name: ctx.formats[j].name}).kl
             done += 1
             ctx.progress(done, total, "kv_kl")
     return errors

@@ -15,15 +15,22 @@ computed forward-over-reverse one block at a time (Pearlmutter's R-operator):
    and whose input part goes to the block below.
 
 Each block is read twice per profile, whatever the number of vectors. The random vectors are
-``hessian_trace.rademacher``'s, so the streamed traces are the in-memory ones. Metrics that
-need the output's gradient sampled (``fisher_mse``, ``fisher``) or whole-model KL (``kl``, the
-KV cells) are not streamed yet and are refused by name.
+``hessian_trace.rademacher``'s, so the streamed traces are the in-memory ones.
+
+``fisher_mse`` needs each unit's output gradient of the sampled-label log-likelihood: a forward
+walk keeps the boundary states, the head gives the gradient in the last hidden states, and a
+reverse walk runs each block again from its input state and pulls the gradient through it,
+collecting its units' output gradients on the way (each block read three times: forward,
+backward, and for its Hessians and cells). The labels are drawn from ``fisher_mse``'s generator
+in the same order, so the streamed cells are the in-memory ones. ``fisher`` (parameter
+gradients) and whole-model KL (``kl``, the KV cells) are not streamed yet and are refused by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,14 +40,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitalloc.quant.hessian import HessianSums
 from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.fisher_mse import (
+    channel_squares,
+    fisher_batches,
+    fisher_cells,
+    fisher_generator,
+    log_probs_of,
+    sampled_score,
+)
 from bitalloc.quant.metrics.hessian_trace import DEFAULT_SAMPLES, check_samples, rademacher, trace_errors
 from bitalloc.quant.metrics.loss import next_token_loss
 from bitalloc.quant.metrics.output_mse import output_mse
 from bitalloc.quant.stream import BlockInputs, StreamedModel, hidden_of
 from bitalloc.quant.units import Unit, UnitSet
 
-BlockRows = Callable[[ProfilingContext, list[int]], np.ndarray]
-"""Fills some units' rows (their indices among the weight units) from a context narrowed to them."""
+Shared = dict[str, torch.Tensor]
+"""Per-unit quantities a metric needs the whole model walked for (a unit's Hutchinson trace, its
+output Fisher), by unit name: computed once, before any block's rows, and handed to every shard."""
+
+
+@dataclass(frozen=True)
+class StreamedMetric:
+    """A metric on a model streamed block by block, in two phases: ``shared`` walks the whole
+    model for what each unit's rows need beyond its own block; ``fill`` then gives one block's
+    units' rows from a context narrowed to them (their Hessians from the block's calibration
+    pass) and those shared quantities. The second phase is what block-range shards split."""
+
+    shared: Callable[[ProfilingContext], Shared]
+    fill: Callable[[ProfilingContext, Shared], np.ndarray]
 
 
 def check_streamable(metric: str, kv_cache: bool) -> None:
@@ -52,22 +79,25 @@ def check_streamable(metric: str, kv_cache: bool) -> None:
         raise ValueError("KV-cache units cannot be measured on a model streamed block by block yet")
 
 
-def streamed_errors(ctx: ProfilingContext, metric: str) -> np.ndarray:
-    """The weight rows of the error table, one decoder block at a time (``ctx.model`` is a ``StreamedModel``)."""
+def streamed_metric(ctx: ProfilingContext, metric: str) -> StreamedMetric:
+    """The streamed form of ``metric`` for ``ctx`` (whose model must be a ``StreamedModel``)."""
     if not isinstance(ctx.model, StreamedModel):
-        raise TypeError("streamed_errors needs a StreamedModel")
+        raise TypeError("a streamed metric needs a StreamedModel")
     check_streamable(metric, len(ctx.units.weights) != len(ctx.units))
-    return STREAMED[metric](ctx)
+    return STREAMED[metric]
 
 
-def block_rows(ctx: ProfilingContext, fill: BlockRows, phase: str) -> np.ndarray:
-    """The error table, block by block: each block runs on the calibration batches (collecting its
-    units' Hessians, which GPTQ and ``output_mse`` use), then ``fill`` gives its units' rows."""
+def block_rows(ctx: ProfilingContext, metric: StreamedMetric, shared: Shared, blocks: range, phase: str
+               ) -> tuple[list[int], np.ndarray]:
+    """The rows of the units in ``blocks`` (their indices among the weight units, and their cells),
+    block by block: each block runs on the calibration batches (collecting its units' Hessians,
+    which GPTQ and the cells use), then ``metric.fill`` gives its units' rows. The blocks before
+    the range run only to hand it their hidden states; none after it runs."""
     model: StreamedModel = ctx.model  # type: ignore[assignment]
     units = ctx.weight_units
     row = {u.name: i for i, u in enumerate(units)}
     members = _by_block(model, units)
-    errors = np.zeros((len(units), len(ctx.formats)))
+    found: dict[int, np.ndarray] = {}
 
     @contextlib.contextmanager
     def visit(index: int, block: nn.Module) -> Iterator[None]:
@@ -75,27 +105,35 @@ def block_rows(ctx: ProfilingContext, fill: BlockRows, phase: str) -> np.ndarray
         groups = [g for g in ctx.units.tie_groups if g[0] in names]
         with HessianSums(ctx.modules, members[index], groups) as sums:
             yield
-        rows = [row[u.name] for u in members[index]]
-        errors[rows] = fill(ctx.narrowed(UnitSet(members[index], groups), sums.result()), rows)
-        ctx.progress(index + 1, len(members), phase)
+        cells = metric.fill(ctx.narrowed(UnitSet(members[index], groups), sums.result()), shared)
+        found.update({row[u.name]: cells[k] for k, u in enumerate(members[index])})
+        ctx.progress(index - blocks.start + 1, len(blocks), phase)
 
-    model.walk(ctx.batches(), visit)
-    return errors
-
-
-def _output_mse(ctx: ProfilingContext) -> np.ndarray:
-    return block_rows(ctx, lambda part, rows: output_mse(part), "output_mse (streamed)")
+    model.walk(ctx.batches(), visit, blocks)
+    rows = sorted(found)
+    return rows, np.array([found[r] for r in rows]).reshape(len(rows), len(ctx.formats))
 
 
-def _hessian_trace(ctx: ProfilingContext) -> np.ndarray:
+def _trace_shared(ctx: ProfilingContext) -> Shared:
     samples = int(ctx.options.get("hutchinson_samples", DEFAULT_SAMPLES))
     traces = streamed_traces(ctx, samples, int(ctx.options.get("hutchinson_seed", 0)))
-    return block_rows(ctx, lambda part, rows: trace_errors(part, traces[rows]), "hessian_trace cells (streamed)")
+    return {u.name: torch.tensor(float(t), dtype=torch.float64) for u, t in zip(ctx.weight_units, traces)}
 
 
-STREAMED: dict[str, Callable[[ProfilingContext], np.ndarray]] = {
-    "output_mse": _output_mse,
-    "hessian_trace": _hessian_trace,
+def _trace_fill(part: ProfilingContext, shared: Shared) -> np.ndarray:
+    return trace_errors(part, np.array([float(shared[u.name]) for u in part.weight_units]))
+
+
+def _fisher_shared(ctx: ProfilingContext) -> Shared:
+    fisher = streamed_output_fisher(ctx, fisher_generator(ctx))
+    return {u.name: g for u, g in zip(ctx.weight_units, fisher)}
+
+
+STREAMED: dict[str, StreamedMetric] = {
+    "output_mse": StreamedMetric(lambda ctx: {}, lambda part, shared: output_mse(part)),
+    "hessian_trace": StreamedMetric(_trace_shared, _trace_fill),
+    "fisher_mse": StreamedMetric(_fisher_shared, lambda part, shared: fisher_cells(
+        part, [shared[u.name] for u in part.weight_units])),
 }
 """The metrics that run block by block, by name."""
 
@@ -116,12 +154,8 @@ class _BlockFunction:
 def streamed_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> np.ndarray:
     """``hessian_trace.hutchinson_traces`` of a streamed model, forward-over-reverse block by block."""
     check_samples(samples)
-    if not ctx.calibration.tokens:
-        raise ValueError(f"{ctx.model.spec}: gradient metrics need a language model and token windows")
-    model: StreamedModel = ctx.model  # type: ignore[assignment]
+    model, index, members = _gradient_layout(ctx)
     units = ctx.weight_units
-    index = {u.name: i for i, u in enumerate(units)}
-    members = _by_block(model, units)
     batches = [batch.to(model.device) for batch in ctx.batches()]
     predicted = sum(batch[:, 1:].numel() for batch in batches)
     pairs = [(b, s) for b in range(len(batches)) for s in range(samples)]
@@ -181,6 +215,79 @@ def streamed_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed:
             done += 1
             ctx.progress(done, steps, "hessian_trace (streamed)")
     return (traces / samples).numpy()
+
+
+def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) -> list[torch.Tensor]:
+    """``fisher_mse.output_fisher`` of a streamed model: forward block by block keeping the
+    boundary states, the sampled-label score's gradient at the head, then backward block by block
+    in reverse, each block run again from its input state so that its units' output gradients
+    (and the gradient handed to the block below) come from one ``autograd.grad``."""
+    model, index, members = _gradient_layout(ctx)
+    units = ctx.weight_units
+    batches = [batch.to(model.device) for batch in fisher_batches(ctx)]
+    inputs = model.block_inputs(batches)
+    states = [[step.hidden for step in inputs]]
+    steps = 2 * len(members) + 1
+    for i in range(len(members)):
+        with model.materialized(i) as block, torch.no_grad():
+            states.append([hidden_of(block(*step.with_hidden(h).args, **step.with_hidden(h).kwargs))
+                           for step, h in zip(inputs, states[i])])
+        ctx.progress(i + 1, steps, "output fisher (streamed)")
+
+    grads = []
+    for batch, hidden in zip(batches, states[-1]):
+        hidden = hidden.detach().requires_grad_()
+        with model.bypassed(hidden), torch.enable_grad():
+            score = sampled_score(log_probs_of(model.module, batch, True), generator)
+            grads.append(torch.autograd.grad(score, hidden)[0])
+    ctx.progress(len(members) + 1, steps, "output fisher (streamed)")
+
+    sums = [torch.zeros(u.shape[0], dtype=torch.float64) for u in units]
+    rows = [0] * len(units)
+    for i in reversed(range(len(members))):
+        with model.materialized(i), _captured_outputs(ctx, members[i]) as outputs, torch.enable_grad():
+            for b, step in enumerate(inputs):
+                hidden = states[i][b].detach().requires_grad_()
+                out = hidden_of(model.blocks[i](*step.with_hidden(hidden).args, **step.with_hidden(hidden).kwargs))
+                names = list(outputs)
+                found = torch.autograd.grad(out, [hidden] + [outputs[n] for n in names], grad_outputs=grads[b],
+                                            allow_unused=True)
+                grads[b] = found[0]
+                for name, grad in zip(names, found[1:]):
+                    if grad is not None:  # an output the log-likelihood does not depend on: no sensitivity
+                        squares, count = channel_squares(ctx.modules[name], grad)
+                        sums[index[name]] += squares
+                        rows[index[name]] += count
+                outputs.clear()
+        del states[i + 1]
+        ctx.progress(steps - i, steps, "output fisher (streamed)")
+    return [(s / max(r, 1)).float() for s, r in zip(sums, rows)]
+
+
+@contextlib.contextmanager
+def _captured_outputs(ctx: ProfilingContext, units: list[Unit]) -> Iterator[dict[str, torch.Tensor]]:
+    """The outputs of ``units`` (by name) of the forward pass that just ran, while installed."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            outputs[name] = output
+        return hook
+
+    handles = [ctx.modules[u.name].register_forward_hook(capture(u.name)) for u in units]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _gradient_layout(ctx: ProfilingContext) -> tuple[StreamedModel, dict[str, int], list[list[Unit]]]:
+    """What a gradient metric walks: the streamed model, each weight unit's row, each block's units."""
+    if not ctx.calibration.tokens:
+        raise ValueError(f"{ctx.model.spec}: gradient metrics need a language model and token windows")
+    model: StreamedModel = ctx.model  # type: ignore[assignment]
+    return model, {u.name: i for i, u in enumerate(ctx.weight_units)}, _by_block(model, ctx.weight_units)
 
 
 def _by_block(model: StreamedModel, units: list[Unit]) -> list[list[Unit]]:

@@ -18,6 +18,8 @@ DEVICE_HELP = ("Where the model computes: auto (the first CUDA GPU when there is
 MAX_MEMORY_HELP = ("Memory the model's weights may take on the device, in bytes or like 24GiB (default: what the device "
                    "has free); a local model whose weights do not fit is profiled block by block.")
 STREAM_HELP = "Profile a local model block by block, reading each block's weights only while it runs, even if it fits."
+SHARDS_HELP = ("Split a streamed profile into this many block ranges, measured one after another "
+               "(the numbers do not change; each shard runs the blocks before its range forward).")
 HARDWARE_HELP = ("The GPU the quantized model will be served on, whose memory bandwidth (or measured kernel "
                  "table) predicts decode latency: h100, h200, a100, l40s, rtx4090 or cpu.")
 

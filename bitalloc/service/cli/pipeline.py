@@ -13,6 +13,7 @@ from bitalloc.service.cli.common import (
     FORMATS_HELP,
     HARDWARE_HELP,
     MAX_MEMORY_HELP,
+    SHARDS_HELP,
     STREAM_HELP,
     budgets,
     fail,
@@ -53,6 +54,7 @@ def run(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     stream: bool = typer.Option(False, "--stream", help=STREAM_HELP),
+    shards: int = typer.Option(1, help=SHARDS_HELP),
     points: int = typer.Option(32, help="Points on the front sweep."),
     calibration: str | None = typer.Option(None, help="Calibration source (default: the reference calibration split)."),
     samples: int = typer.Option(32, help="Calibration windows (or input samples)."),
@@ -81,7 +83,7 @@ def run(
                        baseline=baseline, descend=descend, refine=refine, surrogate=surrogate, ties=not untie,
                        kv=None if kv_context is None else KVOptions(kv_context, kv_batch), hardware=hardware,
                        dtype=dtype, device=device, max_memory=None if max_memory is None else parse_bytes(max_memory),
-                       stream=stream)
+                       stream=stream, shards=shards)
         # The spec refused bad formats, dtype and budgets when it was made; paths are checked too
         # before the seconds of importing the rest.
         check_inputs(spec, settings.load_policy())
@@ -145,6 +147,7 @@ def profile(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     stream: bool = typer.Option(False, "--stream", help=STREAM_HELP),
+    shards: int = typer.Option(1, help=SHARDS_HELP),
     out: Path = typer.Option(Path("profile.npz"), help="Where to write the profile."),
 ) -> None:
     """Measure every unit x format cell of a model and write the profile."""
@@ -169,7 +172,8 @@ def profile(
         data = calibration_for(loaded, calibration, seq_len=seq_len, count=samples)
         with progress_bar() as progress:
             result, cached = ProfileCache(settings.profile_dir).get_or_build(
-                loaded, units, candidates, metric, data, method=method, kv=kv, hardware=hardware, progress=progress)
+                loaded, units, candidates, metric, data, method=method, kv=kv, hardware=hardware, progress=progress,
+                shards=shards)
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     result.save(out)
