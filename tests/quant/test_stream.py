@@ -160,7 +160,8 @@ def test_the_cache_keys_a_streamed_profile_by_its_checkpoint_and_dtype(sharded, 
 
 
 @pytest.mark.slow
-def test_streamed_smollm2_equals_the_whole_model(smollm2, zoo):
+@pytest.mark.parametrize("metric", ["output_mse", "fisher_mse", "hessian_trace"])
+def test_streamed_smollm2_equals_the_whole_model(smollm2, zoo, metric):
     """The real reference model, from its single-file checkpoint."""
     from bitalloc.quant.zoo import zoo_model_dir
 
@@ -168,10 +169,15 @@ def test_streamed_smollm2_equals_the_whole_model(smollm2, zoo):
     streamed = open_streamed(folder, "zoo:llm", torch.float32, CPU)
     calibration = calibration_for(smollm2, None, seq_len=32, count=2)
     formats = parse_formats("int4_g64")
-    whole = build_profile(smollm2, smollm2.units(), formats, "output_mse", calibration)
-    stream = build_profile(streamed, streamed.units(), formats, "output_mse", calibration)
+    options = {"hutchinson_samples": 1}
+    whole = build_profile(smollm2, smollm2.units(), formats, metric, calibration, options=options)
+    stream = build_profile(streamed, streamed.units(), formats, metric, calibration, options=options)
     assert stream.unit_names == whole.unit_names
-    np.testing.assert_allclose(stream.error, whole.error, rtol=1e-4, atol=0)
+    # A Hutchinson estimate is a sum of terms of both signs: where they cancel, fp32's order of
+    # summation (forward-over-reverse block by block, or one double backward) moves the small
+    # result relatively more, so those cells are held to 1e-4 of the largest cell instead.
+    atol = 1e-4 * np.abs(whole.error).max() if metric == "hessian_trace" else 0
+    np.testing.assert_allclose(stream.error, whole.error, rtol=1e-4, atol=atol)
 
 
 def test_a_streamed_model_evaluates_as_the_model_held_whole(sharded, calibration):
@@ -245,3 +251,35 @@ def test_shards_cover_the_blocks_and_a_merge_refuses_holes_and_repeats():
 def test_shards_split_only_a_streamed_profile(tiny_llama, calibration):
     with pytest.raises(ValueError, match="shards split a profile streamed block by block"):
         build_profile(tiny_llama, tiny_llama.units(), FORMATS, "output_mse", calibration, shards=2)
+
+
+def test_checkpoint_files_are_fingerprinted_without_reading_them_again(sharded, tmp_path):
+    """A hub cache's blob is known by its name (its sha256); a file hashed before is known by its
+    inode, size and mtime; anything else is read and hashed."""
+    import hashlib
+    import os
+
+    from bitalloc.quant.stream import file_sha256
+
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sharded.iterdir():
+        if path.suffix != ".safetensors":
+            (snapshot / path.name).write_bytes(path.read_bytes())
+            continue
+        blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.write_bytes(b"not the shard")  # named by the shard's sha256: its bytes are never read
+        (snapshot / path.name).symlink_to(blob)
+    assert Checkpoint.open(sharded).fingerprint() == Checkpoint.open(snapshot).fingerprint()
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"abcd")
+    first = file_sha256(plain)
+    assert first == hashlib.sha256(b"abcd").hexdigest()
+    stat = plain.stat()
+    plain.write_bytes(b"wxyz")  # same size; put the mtime back: the remembered digest stands
+    os.utime(plain, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_sha256(plain) == first
+    os.utime(plain, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert file_sha256(plain) == hashlib.sha256(b"wxyz").hexdigest()
