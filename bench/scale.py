@@ -14,7 +14,7 @@ memory cap, and of a held-out evaluation of one allocation streamed the same way
 * **Output.** A table, and ``bench/results/scale.json``.
 
     python -m bench.scale [--sizes 0.1B,0.4B,1B] [--max-memory 2GiB] [--windows 2] [--seq-len 256]
-                          [--metric fisher_mse] [--eval-windows 2] [--avg-bits 5]
+                          [--metric fisher_mse] [--eval-windows 2] [--avg-bits 5] [--shards 1]
                           [--formats int4_g128,int8_g128] [--threads 1] [--depth 1.0] [--workdir DIR] [--keep]
                           [--out scale.json]
 """
@@ -130,7 +130,7 @@ def run(folder: Path, args: argparse.Namespace) -> dict:
     model = load_within(str(folder), LoadPolicy(), dtype=torch.float32, device=torch.device("cpu"), stream=True)
     units = model.units()
     calibration = calibration_for(model, None, seq_len=args.seq_len, count=args.windows)
-    profile = build_profile(model, units, parse_formats(args.formats), args.metric, calibration)
+    profile = build_profile(model, units, parse_formats(args.formats), args.metric, calibration, shards=args.shards)
     profiled = time.perf_counter()
     evaluation = None
     if args.eval_windows:
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--metric", default="fisher_mse", help="a metric that streams: fisher_mse, output_mse, hessian_trace")
     parser.add_argument("--eval-windows", type=int, default=2, help="held-out windows the chosen point is scored on (0: none)")
     parser.add_argument("--avg-bits", type=float, default=5.0, help="the budget of the point that is scored")
+    parser.add_argument("--shards", type=int, default=1, help="block ranges the profile is measured in, one after another")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
@@ -176,7 +177,7 @@ def main() -> None:
         child = [sys.executable, "-m", "bench.scale", "--run", str(folder), "--max-memory", args.max_memory,
                  "--windows", str(args.windows), "--seq-len", str(args.seq_len), "--formats", args.formats,
                  "--threads", str(args.threads), "--metric", args.metric, "--eval-windows", str(args.eval_windows),
-                 "--avg-bits", str(args.avg_bits)]
+                 "--avg-bits", str(args.avg_bits), "--shards", str(args.shards)]
         done = subprocess.run(child, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             result = {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}
@@ -188,7 +189,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     record = {"max_memory": args.max_memory, "windows": args.windows, "seq_len": args.seq_len,
               "formats": args.formats.split(","), "threads": args.threads, "metric": args.metric,
-              "eval_windows": args.eval_windows, "avg_bits": args.avg_bits,
+              "eval_windows": args.eval_windows, "avg_bits": args.avg_bits, "shards": args.shards,
               "depth": args.depth, "compute": "cpu, float32", "runs": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(record, indent=2) + "\n")

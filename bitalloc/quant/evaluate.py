@@ -91,7 +91,7 @@ class Evaluator:
                     yield self._cache[key]
                     continue
                 with torch.no_grad():  # never held across a yield: the caller may need gradients (descent)
-                    log_probs = torch.log_softmax(next(computed)[:, :-1], dim=-1)
+                    log_probs = window_log_probs(next(computed))
                 size = log_probs.numel() * log_probs.element_size()
                 if size <= self._cache_left:
                     self._cache[key] = log_probs
@@ -111,19 +111,33 @@ class Evaluator:
         quantized = logits(self.model, batches, allocation, method=method, hessians=hessians, cache=self.weights)
         with contextlib.closing(quantized), torch.no_grad():
             for batch, reference, out in zip(batches, self.reference_log_probs(batches), quantized):
-                log_probs = torch.log_softmax(out[:, :-1], dim=-1)
-                targets = batch[:, 1:].unsqueeze(-1).to(log_probs.device)
-                nll += float(-log_probs.gather(-1, targets).sum(dtype=torch.float64))
-                reference_nll += float(-reference.gather(-1, targets).sum(dtype=torch.float64))
-                window_kl += [float(kl_sum(r, q)) / r.shape[0] for r, q in zip(reference, log_probs)]
-                agree += float((reference.argmax(-1) == log_probs.argmax(-1)).sum())
-                count += targets.numel()
+                # One window at a time: the [positions x vocabulary] temporaries of a large vocabulary
+                # are held for one window, never for the batch.
+                for tokens, r, window_logits in zip(batch, reference, out):
+                    q = torch.log_softmax(window_logits[:-1], dim=-1)
+                    targets = tokens[1:].unsqueeze(-1).to(q.device)
+                    nll += float(-q.gather(-1, targets).sum(dtype=torch.float64))
+                    reference_nll += float(-r.gather(-1, targets).sum(dtype=torch.float64))
+                    window_kl.append(float(kl_sum(r, q)) / r.shape[0])
+                    agree += float((r.argmax(-1) == q.argmax(-1)).sum())
+                    count += targets.numel()
+                    del q
+                del out
         kl = max(math.fsum(window_kl) / len(window_kl), 0.0)  # every window has the same length
         result = Evaluation(math.exp(nll / count), kl, agree / count, count, round(time.perf_counter() - start, 3),
                             math.exp(reference_nll / count), window_kl=tuple(window_kl))
         if units is not None:
             result.bytes, result.avg_bits = allocation_size(units.weights, allocation)
         return result
+
+
+def window_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[windows, positions - 1, vocabulary]`` of a batch's logits,
+    computed window by window into one tensor (a batch-sized temporary is never made beside it)."""
+    result = torch.empty_like(logits[:, :-1])
+    for index, window in enumerate(logits):
+        result[index] = torch.log_softmax(window[:-1], dim=-1)
+    return result
 
 
 def allocation_size(units: list[Unit], allocation: Mapping[str, str]) -> tuple[int, float]:
