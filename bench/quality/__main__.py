@@ -26,7 +26,9 @@ from bench.quality.report import goal_rows, plot, print_rescored, print_tables
 
 
 def main() -> None:
-    args = arguments().parse_args()
+    parser = arguments()
+    parser.prog = "python -m bench.quality"
+    args = parser.parse_args()
     if args.quick:
         args.quantizers, args.targets, args.eval_windows, args.calibration_windows = "rtn", "4.5,5", 2, 4
         args.fitness_windows, args.refine_targets, args.kv_contexts, args.target_kls = 2, "4.5", "4096", "0.15"
