@@ -66,7 +66,7 @@ def check_streamed(spec: JobSpec, why: str) -> None:
     GPTQ's measured steps (they need every unit's Hessian at once). Scoring the model forward
     (the evaluation, the accuracy target, the surrogate, refinement) streams like the profile."""
     try:
-        check_streamable(spec.metric, spec.kv is not None)
+        check_streamable(spec.metric)
     except ValueError as exc:
         raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
     measured = spec.measured_kl is not None or bool(spec.surrogate) or bool(spec.refine)

@@ -7,7 +7,8 @@ model held whole and a model streamed block by block (``quant.stream``) are scor
 * whole: the allocation is applied to the module (``simulation.applied``, ``kv_sim.kv_applied``)
   for as long as the batches run, then put back;
 * streamed: the batches' hidden states pass from block to block, each block read from the
-  checkpoint with its own units quantized, then the head runs on the last hidden states.
+  checkpoint with its own units quantized (and the simulated KV cache, when the allocation
+  quantizes caches, handed to every block), then the head runs on the last hidden states.
   A whole walk serves every batch, so the boundary states of all of them are kept (windows x
   tokens x hidden size: megabytes where the weights are gigabytes).
 
@@ -60,8 +61,6 @@ def logits(model: LoadedModel, batches: Sequence[torch.Tensor], allocation: Mapp
 def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation: dict[str, str], method: Method,
               hessians: Hessians | None, cache: QuantizedWeights | None) -> Iterator[torch.Tensor]:
     """``logits`` of a model streamed block by block: the weights of one block at a time."""
-    if any(name.startswith("kv.") for name in allocation):
-        raise ValueError("KV-cache units cannot be simulated on a model streamed block by block yet")
     if torch.is_grad_enabled():
         raise ValueError("gradients cannot flow through a model streamed block by block yet (descent needs them): "
                          "give a --max-memory the weights fit in")
@@ -75,8 +74,12 @@ def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation:
         with applied(model, of_block(index), method=method, hessians=hessians, cache=cache):
             yield
 
-    states = model.walk(list(batches), quantized)
-    outside = {name: fmt for name, fmt in allocation.items() if not name.startswith(tuple(prefixes))}
+    # The KV units' cache rides in the keyword arguments every block is handed: captured with the
+    # first block's inputs, it is the cache each block's attention writes its layer into.
+    with kv_applied(model, allocation):
+        states = model.walk(list(batches), quantized)
+    outside = {name: fmt for name, fmt in allocation.items()
+               if not name.startswith((*prefixes, "kv."))}
     for batch, state in zip(batches, states):
         # Applied per batch, and put back before the batch's logits are handed out: the caller may
         # run another walk of the same model between two batches (the reference, say).

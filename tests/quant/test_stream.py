@@ -144,8 +144,6 @@ def test_metrics_that_need_the_whole_model_are_refused_by_name(sharded, calibrat
     model = open_streamed(sharded, str(sharded), torch.float32, CPU)
     with pytest.raises(ValueError, match="metric 'fisher' cannot run on a model streamed"):
         build_profile(model, model.units(), FORMATS, "fisher", calibration)
-    with pytest.raises(ValueError, match="KV-cache units"):
-        build_profile(model, model.units(kv_cache=True), FORMATS, "output_mse", calibration)
 
 
 def test_the_cache_keys_a_streamed_profile_by_its_checkpoint_and_dtype(sharded, calibration, tmp_path):
@@ -283,3 +281,23 @@ def test_checkpoint_files_are_fingerprinted_without_reading_them_again(sharded, 
     assert file_sha256(plain) == first
     os.utime(plain, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert file_sha256(plain) == hashlib.sha256(b"wxyz").hexdigest()
+
+
+def test_a_streamed_profile_measures_the_kv_units_as_the_whole_model_does(sharded, calibration):
+    """``kv_kl`` scores the model with one cache quantized: streamed, the simulated cache rides in
+    the keyword arguments each block is handed, and each block's attention writes its layer there."""
+    from bitalloc.quant.kv import KVOptions
+
+    formats = parse_formats("int2_g32,int8_g32,bf16")
+    short = calibration.head(2, 16)
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    profiles = [build_profile(m, m.units(kv_cache=True), formats, "output_mse", short, kv=KVOptions(64)) for m in
+                (whole, streamed)]
+    kv_rows = [i for i, u in enumerate(profiles[0].units) if u.kind != "weight"]
+    assert kv_rows and [u.name for u in profiles[1].units] == [u.name for u in profiles[0].units]
+    cells = [p.error[kv_rows][:, :2] for p in profiles]  # int2 and int8; bf16 is 0 by definition
+    assert np.all(cells[0][:, 0] > 0) and np.all(cells[0][:, 0] > cells[0][:, 1])
+    # int8 caches move this random model's KL by 1e-7 or less, where fp32 rounding is of the same size
+    np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cells[1][:, 0], cells[0][:, 0], rtol=1e-4, atol=0)

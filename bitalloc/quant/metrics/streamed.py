@@ -22,8 +22,9 @@ walk keeps the boundary states, the head gives the gradient in the last hidden s
 reverse walk runs each block again from its input state and pulls the gradient through it,
 collecting its units' output gradients on the way (each block read three times: forward,
 backward, and for its Hessians and cells). The labels are drawn from ``fisher_mse``'s generator
-in the same order, so the streamed cells are the in-memory ones. ``fisher`` (parameter
-gradients) and whole-model KL (``kl``, the KV cells) are not streamed yet and are refused by name.
+in the same order, so the streamed cells are the in-memory ones. The KV units' ``kv_kl`` cells
+score the model through ``quant.execution``, which streams. ``fisher`` (parameter gradients) and
+``kl`` are not streamed yet and are refused by name.
 """
 
 from __future__ import annotations
@@ -70,20 +71,19 @@ class StreamedMetric:
     fill: Callable[[ProfilingContext, Shared], np.ndarray]
 
 
-def check_streamable(metric: str, kv_cache: bool) -> None:
-    """Refuse a metric, or KV-cache units, that a streamed profile cannot measure yet."""
+def check_streamable(metric: str) -> None:
+    """Refuse a metric that a streamed profile cannot measure yet (the KV units' ``kv_kl`` streams:
+    it scores the model through ``quant.execution``)."""
     if metric not in STREAMED:
         raise ValueError(f"metric {metric!r} cannot run on a model streamed block by block yet (streamed: "
                          f"{', '.join(STREAMED)}); give a --max-memory the weights fit in, or one of those metrics")
-    if kv_cache:
-        raise ValueError("KV-cache units cannot be measured on a model streamed block by block yet")
 
 
 def streamed_metric(ctx: ProfilingContext, metric: str) -> StreamedMetric:
     """The streamed form of ``metric`` for ``ctx`` (whose model must be a ``StreamedModel``)."""
     if not isinstance(ctx.model, StreamedModel):
         raise TypeError("a streamed metric needs a StreamedModel")
-    check_streamable(metric, len(ctx.units.weights) != len(ctx.units))
+    check_streamable(metric)
     return STREAMED[metric]
 
 
