@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.device import free_memory
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, ModelLoadError, load_model, model_folder
 from bitalloc.quant.units import UnitSet, enumerate_units, shared_input_groups
@@ -93,10 +94,10 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over the config's and every shard's own sha256: the model's identity for caching,
-        without holding its weights (``file_sha256`` says when the bytes are not read at all)."""
+        without holding its weights (``known_sha256`` says when the bytes are not read at all)."""
         digest = hashlib.sha256()
         for path in [self.folder / "config.json", *sorted(set(self.files.values()))]:
-            digest.update(f"{path.name}:{file_sha256(path)}".encode())
+            digest.update(f"{path.name}:{known_sha256(path)}".encode())
         return digest.hexdigest()
 
 
@@ -104,7 +105,7 @@ _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 _HUB_BLOB = re.compile(r"[0-9a-f]{64}")
 
 
-def file_sha256(path: Path) -> str:
+def known_sha256(path: Path) -> str:
     """A checkpoint file's sha256 without reading it where that can be trusted: a Hugging Face hub
     cache names each large file's blob by its sha256 (snapshots link to ``blobs/<sha256>``), and a
     file this process hashed before is known by its (path, inode, size, mtime); anything else is
@@ -115,11 +116,7 @@ def file_sha256(path: Path) -> str:
     stat = real.stat()
     key = (str(real), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with real.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = file_sha256(real)
     return _DIGESTS[key]
 
 

@@ -257,7 +257,7 @@ def test_checkpoint_files_are_fingerprinted_without_reading_them_again(sharded, 
     import hashlib
     import os
 
-    from bitalloc.quant.stream import file_sha256
+    from bitalloc.quant.stream import known_sha256
 
     blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123"
     blobs.mkdir(parents=True)
@@ -273,14 +273,14 @@ def test_checkpoint_files_are_fingerprinted_without_reading_them_again(sharded, 
 
     plain = tmp_path / "plain.bin"
     plain.write_bytes(b"abcd")
-    first = file_sha256(plain)
+    first = known_sha256(plain)
     assert first == hashlib.sha256(b"abcd").hexdigest()
     stat = plain.stat()
     plain.write_bytes(b"wxyz")  # same size; put the mtime back: the remembered digest stands
     os.utime(plain, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert file_sha256(plain) == first
+    assert known_sha256(plain) == first
     os.utime(plain, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert file_sha256(plain) == hashlib.sha256(b"wxyz").hexdigest()
+    assert known_sha256(plain) == hashlib.sha256(b"wxyz").hexdigest()
 
 
 def test_a_streamed_profile_measures_the_kv_units_as_the_whole_model_does(sharded, calibration):

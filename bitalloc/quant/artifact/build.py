@@ -28,11 +28,11 @@ from bitalloc.quant.artifact.manifest import (
     Artifact,
     ArtifactError,
     dtype_name,
-    file_sha256,
     tensor_sha256,
 )
 from bitalloc.quant.artifact.storage import encode, runs_as, storage_of
 from bitalloc.quant.calibration import CalibrationSet
+from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.formats import Format, GgmlFormat, get_format
 from bitalloc.quant.hessian import calibration_hessians
 from bitalloc.quant.loading import MODULE_MANIFEST, LoadedModel

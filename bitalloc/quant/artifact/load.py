@@ -15,8 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from bitalloc.quant.artifact.manifest import WEIGHTS, Artifact, ArtifactError, dtype_name, file_sha256, tensor_sha256
+from bitalloc.quant.artifact.manifest import WEIGHTS, Artifact, ArtifactError, dtype_name, tensor_sha256
 from bitalloc.quant.artifact.storage import decode
+from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.loading import LoadedModel
 

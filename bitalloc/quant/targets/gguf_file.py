@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from bitalloc.quant.artifact import ArtifactError
 from bitalloc.quant.artifact.build import check_build, staged_folder
-from bitalloc.quant.artifact.manifest import file_sha256
+from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.export import llama_cpp
 from bitalloc.quant.export.base import ExportError, Problems, make_request
 from bitalloc.quant.gguf_names import gguf_name

