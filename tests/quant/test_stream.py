@@ -79,6 +79,18 @@ def test_streamed_fisher_mse_equals_the_whole_model_in_fp32(sharded, calibration
     np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=0)
 
 
+def test_streamed_hessian_trace_reads_its_window_options_as_the_whole_model_does(sharded, calibration):
+    options = {"hutchinson_samples": 2, "hutchinson_windows": 2, "hutchinson_tokens": 8}
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    cells = [build_profile(m, m.units(), FORMATS, "hessian_trace", calibration, options=options).error
+             for m in (whole, streamed)]
+    np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=0)
+    every = build_profile(whole, whole.units(), FORMATS, "hessian_trace", calibration,
+                          options={"hutchinson_samples": 2}).error
+    assert not np.allclose(every, cells[0], rtol=1e-2)  # the options do narrow what is traced
+
+
 def test_bf16_streams_the_same_way_and_agrees_with_fp32(sharded, calibration):
     """bf16 (weights and activations rounded to bf16, the Hessian sums in fp32 and wider) streamed
     equals bf16 loaded whole within 1e-4, and fp32 within 10 % per cell and 2.5 % in the median,

@@ -77,15 +77,21 @@ def hutchinson_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, see
     return (traces / samples).numpy()
 
 
-def hessian_trace(ctx: ProfilingContext) -> np.ndarray:
+def hutchinson_setup(ctx: ProfilingContext) -> tuple[ProfilingContext, int, int]:
+    """What the estimator runs on, from ``ctx.options``: the context whose windows it traces (the
+    first ``hutchinson_windows``, cut to ``hutchinson_tokens``, when given), the vectors per batch
+    and the seed. The model held whole and the model streamed read them here alike."""
     options = ctx.options
-    samples = int(options.get("hutchinson_samples", DEFAULT_SAMPLES))
     windows, tokens = options.get("hutchinson_windows"), options.get("hutchinson_tokens")
     traced = ctx
     if windows is not None or tokens is not None:
         subset = ctx.calibration.head(int(windows or len(ctx.calibration.inputs)), None if tokens is None else int(tokens))
         traced = replace(ctx, calibration=subset)
-    return trace_errors(ctx, hutchinson_traces(traced, samples, int(options.get("hutchinson_seed", 0))))
+    return traced, int(options.get("hutchinson_samples", DEFAULT_SAMPLES)), int(options.get("hutchinson_seed", 0))
+
+
+def hessian_trace(ctx: ProfilingContext) -> np.ndarray:
+    return trace_errors(ctx, hutchinson_traces(*hutchinson_setup(ctx)))
 
 
 def trace_errors(ctx: ProfilingContext, traces: np.ndarray) -> np.ndarray:

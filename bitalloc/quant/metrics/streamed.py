@@ -49,7 +49,13 @@ from bitalloc.quant.metrics.fisher_mse import (
     log_probs_of,
     sampled_score,
 )
-from bitalloc.quant.metrics.hessian_trace import DEFAULT_SAMPLES, check_samples, rademacher, trace_errors
+from bitalloc.quant.metrics.hessian_trace import (
+    DEFAULT_SAMPLES,
+    check_samples,
+    hutchinson_setup,
+    rademacher,
+    trace_errors,
+)
 from bitalloc.quant.metrics.loss import next_token_loss
 from bitalloc.quant.metrics.output_mse import output_mse
 from bitalloc.quant.stream import BlockInputs, StreamedModel, hidden_of
@@ -115,8 +121,7 @@ def block_rows(ctx: ProfilingContext, metric: StreamedMetric, shared: Shared, bl
 
 
 def _trace_shared(ctx: ProfilingContext) -> Shared:
-    samples = int(ctx.options.get("hutchinson_samples", DEFAULT_SAMPLES))
-    traces = streamed_traces(ctx, samples, int(ctx.options.get("hutchinson_seed", 0)))
+    traces = streamed_traces(*hutchinson_setup(ctx))
     return {u.name: torch.tensor(float(t), dtype=torch.float64) for u, t in zip(ctx.weight_units, traces)}
 
 
