@@ -226,8 +226,7 @@ class Surrogate(Step):
         blocks = {unit.name: unit.block for unit in work.units.units}
         solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
                             blocks=[blocks[name] for name in problem.unit_names], rounds=self.rounds,
-                            initial=self.initial,
-                            seed=work.spec.seed)
+                            initial=self.initial, seed=work.spec.seed)
         found = solver.solve(problem, within)
         fit = found.info.get("held_out", {})
         work.notify(f"surrogate: {found.info['evaluations']} allocations measured; fitness KL "

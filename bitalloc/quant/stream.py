@@ -152,6 +152,11 @@ class BlockInputs:
             return BlockInputs((hidden, *self.args[1:]), self.kwargs)
         return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden})
 
+    def run(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """``block``'s output hidden states on these inputs (with ``hidden`` in place of their own)."""
+        step = self if hidden is None else self.with_hidden(hidden)
+        return hidden_of(block(*step.args, **step.kwargs))
+
 
 class _Captured(Exception):
     """Raised by the first block's hook: the model need not run further."""
@@ -220,7 +225,7 @@ class StreamedModel(LoadedModel):
         for index in range(blocks.stop):
             with self.materialized(index) as block, (visit(index, block) if index in blocks else contextlib.nullcontext()):
                 with torch.no_grad():
-                    inputs = [step.with_hidden(hidden_of(block(*step.args, **step.kwargs))) for step in inputs]
+                    inputs = [step.with_hidden(step.run(block)) for step in inputs]
         return inputs
 
     def units(self, *, kv_cache: bool = False) -> UnitSet:

@@ -235,8 +235,7 @@ def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) ->
     steps = 2 * len(members) + 1
     for i in range(len(members)):
         with model.materialized(i) as block, torch.no_grad():
-            states.append([hidden_of(block(*step.with_hidden(h).args, **step.with_hidden(h).kwargs))
-                           for step, h in zip(inputs, states[i])])
+            states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
         ctx.progress(i + 1, steps, "output fisher (streamed)")
 
     grads = []
@@ -253,7 +252,7 @@ def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) ->
         with model.materialized(i), _captured_outputs(ctx, members[i]) as outputs, torch.enable_grad():
             for b, step in enumerate(inputs):
                 hidden = states[i][b].detach().requires_grad_()
-                out = hidden_of(model.blocks[i](*step.with_hidden(hidden).args, **step.with_hidden(hidden).kwargs))
+                out = step.run(model.blocks[i], hidden)
                 names = list(outputs)
                 found = torch.autograd.grad(out, [hidden] + [outputs[n] for n in names], grad_outputs=grads[b],
                                             allow_unused=True)
