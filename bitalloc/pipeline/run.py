@@ -17,14 +17,16 @@ from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.problem import problem_of
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.pipeline.steps import Workspace, recipe
-from bitalloc.quant.calibration import calibration_for, evaluation_tokens, shared_documents
+from bitalloc.quant.calibration import CalibrationSet, calibration_for, evaluation_tokens, shared_documents
 from bitalloc.quant.device import resolve_device
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import parse_formats
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, model_dtype
+from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.metrics.streamed import check_streamable
 from bitalloc.quant.profile import Profile, ProfileCache, compute_of
 from bitalloc.quant.progress import ProgressFn, no_progress
+from bitalloc.quant.shards import Shard, ShardRows, ShardRunner, decode_shared, in_sequence, shard_rows
 from bitalloc.quant.stream import StreamedModel, load_within
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Front, front
@@ -80,9 +82,11 @@ def check_streamed(spec: JobSpec, why: str) -> None:
 
 
 def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),
-            progress: ProgressFn = no_progress, notify: Callable[[str], None] = lambda message: None) -> JobResult:
+            progress: ProgressFn = no_progress, notify: Callable[[str], None] = lambda message: None,
+            runner: ShardRunner = in_sequence) -> JobResult:
     """Run a job end to end; errors say what is wrong (bad input, infeasible budget, unknown model).
-    ``notify`` hears what the user should know as soon as it is known (a budget that does not bind)."""
+    ``notify`` hears what the user should know as soon as it is known (a budget that does not bind);
+    ``runner`` runs a streamed profile's shards (``quant.shards``)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -95,25 +99,20 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     check_inputs(spec, policy)
     formats = parse_formats(spec.formats)
     progress(0, 1, "load")
-    device = resolve_device(spec.device)
-    model = load_within(spec.model, policy, dtype=model_dtype(spec.dtype, device), device=device,
-                        max_memory=spec.max_memory, stream=spec.stream)
+    model, units, calibration = _load(spec, policy, spec.stream)
     streamed = isinstance(model, StreamedModel)
     if streamed:
         check_streamed(spec, model.info.get("streamed", "asked for"))
     compute = {**compute_of(model), "streamed": streamed}
-    units = model.units(kv_cache=spec.kv is not None)
     if model.is_causal_lm and spec.evaluation:
         for source in dict.fromkeys((spec.calibration or "zoo:calibration", spec.fitness_source)):
             check_disjoint(source, spec.evaluation)
-    calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed,
-                                  bos=spec.bos)
     progress(1, 1, "load")
     lap("load")
 
     profile, cached = ProfileCache(profile_dir).get_or_build(
         model, units, formats, spec.metric, calibration, method=spec.method, kv=spec.kv,
-        hardware=spec.hardware, progress=progress, shards=spec.shards)
+        hardware=spec.hardware, progress=progress, shards=spec.shards, runner=runner)
     lap("profile")
 
     problem = problem_of(profile, ties=spec.ties)
@@ -137,6 +136,28 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         progress(1, 1, "evaluate")
         lap("evaluate")
     return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes, compute)
+
+
+def _load(spec: JobSpec, policy: LoadPolicy, stream: bool) -> tuple[LoadedModel, UnitSet, CalibrationSet]:
+    """The job's model (streamed when asked or when its weights do not fit), its units and its
+    calibration windows: the same for the job and for each of its shards, wherever they run."""
+    device = resolve_device(spec.device)
+    model = load_within(spec.model, policy, dtype=model_dtype(spec.dtype, device), device=device,
+                        max_memory=spec.max_memory, stream=stream)
+    calibration = calibration_for(model, spec.calibration, seq_len=spec.seq_len, count=spec.samples, seed=spec.seed,
+                                  bos=spec.bos)
+    return model, model.units(kv_cache=spec.kv is not None), calibration
+
+
+def measure_shard(spec: JobSpec, shard: Shard, shared: bytes, *, policy: LoadPolicy = LoadPolicy(),
+                  progress: ProgressFn = no_progress) -> ShardRows:
+    """One shard of the job's streamed profile, in a process of its own (another worker): the
+    model streamed as the job streams it, the context as the job builds it, the shared
+    quantities from the job's own walk (``quant.shards.encode_shared``)."""
+    check_inputs(spec, policy)
+    model, units, calibration = _load(spec, policy, stream=True)
+    ctx = ProfilingContext(model, units, parse_formats(spec.formats), calibration, spec.method, progress=progress)
+    return shard_rows(ctx, spec.metric, shard, decode_shared(shared), spec.shards)
 
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, units: UnitSet,

@@ -32,7 +32,7 @@ from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method
-from bitalloc.quant.shards import sharded_errors
+from bitalloc.quant.shards import ShardRunner, in_sequence, sharded_errors
 from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import Unit, UnitSet
 
@@ -181,16 +181,17 @@ def build_profile(
     progress: ProgressFn = no_progress,
     options: dict | None = None,
     shards: int = 1,
+    runner: ShardRunner = in_sequence,
 ) -> Profile:
     """Measure every unit x format cell with ``metric`` and cost it; a streamed model's cells in
-    ``shards`` block ranges (the same numbers however many: ``quant.shards``)."""
+    ``shards`` block ranges, run by ``runner`` (the same numbers however many: ``quant.shards``)."""
     metric_fn = get_metric(metric)
     start = time.perf_counter()
     ctx = ProfilingContext(model, units, formats, calibration, method, progress=progress, options=options or {})
     streamed = isinstance(model, StreamedModel)
     if shards != 1 and not streamed:
         raise ValueError("shards split a profile streamed block by block: stream the model (--stream), or leave shards at 1")
-    weight_errors = sharded_errors(ctx, metric, shards) if streamed else metric_fn(ctx)
+    weight_errors = sharded_errors(ctx, metric, shards, runner) if streamed else metric_fn(ctx)
     error = np.zeros((len(units), len(formats)))
     weight_rows = [i for i, u in enumerate(units.units) if u.kind == "weight"]
     error[weight_rows] = weight_errors

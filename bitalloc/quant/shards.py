@@ -6,19 +6,26 @@ rows depend on that block alone, given the hidden states that enter it. A shard 
 those by running the blocks before its range forward (one forward pass per block, cheap beside
 the cells of every unit in every format), so shards share nothing but the shared quantities.
 
-Shards run one after another in this process today, which is what the embedded service does;
-``merge`` refuses a missing or duplicated shard rather than write a profile with holes, so a
-runner that spreads them over workers can hand back whatever it collected.
+Who runs the shards is a ``ShardRunner``'s choice: ``in_sequence`` runs them one after another
+in this process (the CLI, the embedded service); ``service.shards`` makes each one a job that
+any worker may take, the parent's own included. Either way the shared quantities travel as
+bytes (``encode_shared``), a shard's rows come back as bytes (``encode_rows``), and ``merge``
+refuses a missing or duplicated shard rather than write a profile with holes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from bitalloc.quant.metrics.context import ProfilingContext
-from bitalloc.quant.metrics.streamed import block_rows, streamed_metric
+from bitalloc.quant.metrics.streamed import Shared, block_rows, streamed_metric
 from bitalloc.quant.stream import StreamedModel
 
 
@@ -62,15 +69,54 @@ def merge(shards: list[Shard], parts: list[ShardRows], units: int, formats: int)
     return errors
 
 
-def sharded_errors(ctx: ProfilingContext, metric: str, shards: int = 1) -> np.ndarray:
-    """The weight rows of a streamed profile (``ctx.model`` a ``StreamedModel``), the shared
-    quantities first, then ``shards`` block ranges one after another."""
+Measure = Callable[[Shard], ShardRows]
+"""A shard's rows, measured in this process on the parent's own context."""
+
+
+class ShardRunner(Protocol):
+    def __call__(self, layout: list[Shard], shared: bytes, measure: Measure) -> list[ShardRows]:
+        """Every shard of ``layout`` measured once, by ``measure`` here or by another process that
+        rebuilds the context (``shard_rows``) from the job and the ``shared`` bytes."""
+
+
+def in_sequence(layout: list[Shard], shared: bytes, measure: Measure) -> list[ShardRows]:
+    """The shards one after another, in this process."""
+    return [measure(shard) for shard in layout]
+
+
+def encode_shared(shared: Shared) -> bytes:
+    """The shared quantities as safetensors bytes (no pickle: another worker reads them)."""
+    return save_tensors({name: t.detach().cpu().contiguous() for name, t in shared.items()})
+
+
+def decode_shared(data: bytes) -> Shared:
+    return dict(load_tensors(data))
+
+
+def encode_rows(part: ShardRows) -> bytes:
+    return save_tensors({"shard": torch.tensor([part.shard]), "rows": torch.tensor(part.rows, dtype=torch.int64),
+                         "error": torch.from_numpy(np.ascontiguousarray(part.error, dtype=np.float64))})
+
+
+def decode_rows(data: bytes) -> ShardRows:
+    tensors = load_tensors(data)
+    return ShardRows(int(tensors["shard"]), tensors["rows"].tolist(), tensors["error"].numpy())
+
+
+def shard_rows(ctx: ProfilingContext, metric: str, shard: Shard, shared: Shared, shards: int) -> ShardRows:
+    """One shard's rows on ``ctx`` (a streamed model's context)."""
+    method = streamed_metric(ctx, metric)
+    phase = f"{metric} (streamed" + (f", shard {shard.index + 1}/{shards})" if shards > 1 else ")")
+    return ShardRows(shard.index, *block_rows(ctx, method, shared, shard.blocks, phase))
+
+
+def sharded_errors(ctx: ProfilingContext, metric: str, shards: int = 1, runner: ShardRunner = in_sequence
+                   ) -> np.ndarray:
+    """The weight rows of a streamed profile (``ctx.model`` a ``StreamedModel``): the shared
+    quantities first, then ``shards`` block ranges, run by ``runner``."""
     method = streamed_metric(ctx, metric)
     model: StreamedModel = ctx.model  # type: ignore[assignment]
     shared = method.shared(ctx)
     layout = plan(len(model.blocks), shards)
-    parts = []
-    for shard in layout:
-        phase = f"{metric} (streamed" + (f", shard {shard.index + 1}/{shards})" if shards > 1 else ")")
-        parts.append(ShardRows(shard.index, *block_rows(ctx, method, shared, shard.blocks, phase)))
+    parts = runner(layout, encode_shared(shared), lambda shard: shard_rows(ctx, metric, shard, shared, shards))
     return merge(layout, parts, len(ctx.weight_units), len(ctx.formats))

@@ -1,6 +1,8 @@
 """Run claimed jobs and record what happens: a ``compress`` job through
 ``pipeline.run_job``, an ``artifact`` job (a point's packed artifact) through
-``service.builds.run``.
+``service.builds.run``, a ``shard`` job (a block range of a compress job's streamed profile)
+through ``pipeline.measure_shard``, or on its parent's own context when the parent runs it
+(``service.shards``).
 
 Results are written in the same transaction as the job's success, and only while this
 attempt still owns the lease; a job's own failure (bad input, infeasible budget) fails it
@@ -17,21 +19,24 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from bitalloc.pipeline.run import run_job
+from bitalloc.pipeline.run import measure_shard, run_job
+from bitalloc.quant.shards import Measure, Shard, encode_rows
 from bitalloc.search import SearchError
 from bitalloc.service import builds, jobs, results
 from bitalloc.service.attempt import Attempt, Stop
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
-from bitalloc.service.models import JobRecord
+from bitalloc.service.models import JobRecord, ShardRecord
+from bitalloc.service.shards import ShardFailed, WorkerShards
 
 log = logging.getLogger("bitalloc.worker")
 
 # Failures that are the job's own (bad input, unknown model, infeasible budget, a solver
 # that gave up): the job fails with the message, and a retry would fail the same way.
-JOB_ERRORS = (ValueError, FileNotFoundError, SearchError)
+JOB_ERRORS = (ValueError, FileNotFoundError, SearchError, ShardFailed)
 
 
 REASON_CHARS = 500
@@ -61,11 +66,13 @@ ResultWriter = Callable[[Session], Outcome]
 
 
 class Executor:
-    """Claims and runs jobs for one worker (a thread or an RQ work horse)."""
+    """Claims and runs jobs for one worker (a thread or an RQ work horse); ``measure``, when given,
+    measures shard jobs on a context this process already holds (their parent's)."""
 
-    def __init__(self, ctx: Context, stopping: threading.Event | None = None) -> None:
+    def __init__(self, ctx: Context, stopping: threading.Event | None = None, measure: Measure | None = None) -> None:
         self.ctx = ctx
         self.stopping = stopping or threading.Event()
+        self.measure = measure
         self.name = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
     def run(self, job_id: uuid.UUID) -> str | None:
@@ -84,7 +91,7 @@ class Executor:
                 return None
             jobs.add_log(session, job.id, f"attempt {job.attempts} of {job.max_attempts} on {self.name}")
         attempt = Attempt(self.ctx, job.id, owner, job.timeout_seconds, self.stopping)
-        work = self._build if job.kind == "artifact" else self._compress
+        work = {"compress": self._compress, "artifact": self._build, "shard": self._shard}[job.kind]
         try:
             with attempt.heartbeat():
                 store = work(job, attempt)
@@ -103,9 +110,11 @@ class Executor:
         """Run the pipeline on the spec stored when the job was accepted; its front, points and
         profile are stored with the job's success."""
         settings = self.ctx.settings
+        shards = WorkerShards(self.ctx, job.id, attempt.progress,
+                              lambda shard_id, measure: Executor(self.ctx, self.stopping, measure).run(shard_id))
         result = run_job(jobs.job_spec(job), profile_dir=settings.profile_dir,
                          policy=settings.load_policy(), progress=attempt.progress,
-                         notify=lambda message: attempt.log(message, "warning"))
+                         notify=lambda message: attempt.log(message, "warning"), runner=shards)
         compute = result.compute
         attempt.log(f"computed on {compute['device']} in {compute['dtype']}"
                     f"{', the model streamed block by block' if compute['streamed'] else ''}")
@@ -129,6 +138,28 @@ class Executor:
             artifact = builds.store(session, job.id, packed)
             return Outcome({"artifact_id": str(artifact.id), "sha256": artifact.sha256, "size": artifact.size},
                           f"succeeded: artifact {artifact.name} ({artifact.size} bytes, sha256 {artifact.sha256})")
+
+        return store
+
+    def _shard(self, job: JobRecord, attempt: Attempt) -> ResultWriter:
+        """Measure one shard, on the parent's context when the parent runs it, else on a context
+        built from the parent's spec; its rows go to the blob store and are named on success."""
+        with self.ctx.sessions() as session:
+            record = session.get_one(ShardRecord, job.id)
+            spec = jobs.job_spec(session.get_one(JobRecord, record.parent_id))
+        shard = Shard(record.index, range(record.first_block, record.stop_block))
+        if self.measure is not None:
+            part = self.measure(shard)
+        else:
+            shared = self.ctx.storage.path(record.shared_sha256).read_bytes()
+            part = measure_shard(spec, shard, shared, policy=self.ctx.settings.load_policy(), progress=attempt.progress)
+        digest = self.ctx.storage.put_bytes(encode_rows(part))
+
+        def store(session: Session) -> Outcome:
+            session.execute(update(ShardRecord).where(ShardRecord.job_id == job.id).values(rows_sha256=digest))
+            return Outcome({"rows_sha256": digest, "units": len(part.rows)},
+                           f"succeeded: the rows of {len(part.rows)} units (blocks {shard.blocks.start}-"
+                           f"{shard.blocks.stop - 1})")
 
         return store
 

@@ -1,7 +1,8 @@
 """Stored bytes that no row names any more: removed once the delete that dropped their last
 row has committed, and swept for orphans by the operator (``bitalloc gc``).
 
-A blob is referenced while an ``ArtifactRecord`` or a ``ProfileRecord`` names its sha256. Profiles
+A blob is referenced while an ``ArtifactRecord``, a ``ProfileRecord`` or a ``ShardRecord`` (a
+shard's shared quantities and measured rows, kept with its parent job) names its sha256. Profiles
 count because they are a shared cache that outlives the jobs that made it: deleting a job
 deletes its ``profile`` artifact record, never the profile other jobs' fronts read.
 
@@ -44,17 +45,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bitalloc.service.models import ArtifactRecord, ProfileRecord
+from bitalloc.service.models import ArtifactRecord, ProfileRecord, ShardRecord
 from bitalloc.service.storage import BlobStore
 
 log = logging.getLogger("bitalloc.garbage")
 
-REFERENCES = (ArtifactRecord.sha256, ProfileRecord.sha256)
+REFERENCES = (ArtifactRecord.sha256, ProfileRecord.sha256, ShardRecord.shared_sha256, ShardRecord.rows_sha256)
 IN_CHUNK = 500  # SQLite and PostgreSQL both bound how many parameters one IN (...) takes
 
 
 def referenced(session: Session, candidates: Iterable[str]) -> set[str]:
-    """The candidates some ``ArtifactRecord`` or ``ProfileRecord`` names."""
+    """The candidates some row of ``REFERENCES`` names."""
     wanted = sorted(set(candidates))
     found: set[str] = set()
     for start in range(0, len(wanted), IN_CHUNK):

@@ -22,7 +22,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bitalloc.pipeline.spec import JobSpec
-from bitalloc.service.models import FINISHED_STATES, ArtifactRecord, BuildRecord, JobLogRecord, JobRecord, utcnow
+from bitalloc.service.models import (
+    FINISHED_STATES,
+    ArtifactRecord,
+    BuildRecord,
+    JobLogRecord,
+    JobRecord,
+    ShardRecord,
+    utcnow,
+)
 from bitalloc.service.schemas import JobCreate
 from bitalloc.service.settings import Settings
 
@@ -145,10 +153,10 @@ def waiting(session: Session, older_than: datetime, limit: int = 100) -> list[tu
 
 
 def delete(session: Session, job: JobRecord) -> set[str]:
-    """Delete a job with its front, allocations, log, artifact records and builds (not while it
-    or one of its builds runs).
+    """Delete a job with its front, allocations, log, artifact records, builds and shards (not
+    while it or one of its builds runs).
 
-    Returns the sha256 of the artifact records it deleted. Their bytes stay in the store: the
+    Returns the sha256 of the artifact records and shard blobs it deleted. Their bytes stay in the store: the
     caller hands them to ``service.garbage.after_delete`` once this transaction has committed,
     so a rollback never leaves a row pointing at a missing file.
     """
@@ -159,8 +167,12 @@ def delete(session: Session, job: JobRecord) -> set[str]:
         raise StateConflict("a build of this job is running: cancel it first")
     owners = or_(ArtifactRecord.job_id == job.id, ArtifactRecord.job_id.in_(builds))
     candidates = set(session.scalars(select(ArtifactRecord.sha256).where(owners)))
-    # A build's job row is not a child of the parent's in the schema, so it goes explicitly.
+    shards = session.execute(select(ShardRecord.job_id, ShardRecord.shared_sha256, ShardRecord.rows_sha256)
+                             .where(ShardRecord.parent_id == job.id)).all()
+    candidates |= {sha for _, *blobs in shards for sha in blobs if sha is not None}
+    # A build's or a shard's job row is not a child of the parent's in the schema, so it goes explicitly.
     session.execute(delete_rows(JobRecord).where(JobRecord.id.in_(builds)))
+    session.execute(delete_rows(JobRecord).where(JobRecord.id.in_([job_id for job_id, *_ in shards])))
     session.delete(job)
     return candidates
 

@@ -38,8 +38,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED_STATES = ("succeeded", "failed", "canceled")
-# A job compresses (profile, front) or builds a point's packed artifact (with a ``Build`` row).
-JOB_KINDS = ("compress", "artifact")
+# A job compresses (profile, front), builds a point's packed artifact (with a ``Build`` row), or
+# measures one block range of a compress job's streamed profile (with a ``Shard`` row).
+JOB_KINDS = ("compress", "artifact", "shard")
 # At most one build per point, method and target is live (queued, running or succeeded); a failed or
 # canceled one may be followed by another. Builds' ``request_hash`` hashes (point, method, target).
 LIVE_BUILD_STATES = ("queued", "running", "succeeded")
@@ -254,3 +255,27 @@ class BuildRecord(Base):
 
     job: Mapped[JobRecord] = relationship(foreign_keys=[job_id], lazy="joined")
     artifact: Mapped[ArtifactRecord | None] = relationship(lazy="joined")
+
+
+class ShardRecord(Base):
+    """One block range of a compress job's streamed profile (``quant.shards``), run by its own job
+    (kind ``shard``) so that any worker can take it and a lost one is retried like any job.
+
+    ``parent_id`` is the compress job, which plans the shards, waits for them (running what no
+    other worker took) and merges their rows. ``shared_sha256`` names the metric's shared
+    quantities in the blob store; a parent retried with the same ones reuses the shards already
+    measured, and ones made from different bytes are never merged with them. ``rows_sha256``
+    names the shard's measured rows once it succeeded.
+    """
+
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("parent_id", "shared_sha256", "index", name="uq_shards_parent_shared_index"),)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int]
+    first_block: Mapped[int]
+    stop_block: Mapped[int]
+    shared_sha256: Mapped[str] = mapped_column(String(64))
+    rows_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    job: Mapped[JobRecord] = relationship(foreign_keys=[job_id], lazy="joined")

@@ -153,6 +153,9 @@ class JobCreate(Strict):
                                          "bytes or like \"24GiB\" (default: what the device has free); a local "
                                          "model whose weights do not fit is profiled block by block.")
     stream: bool = Field(False, description="Profile a local model block by block even when its weights fit.")
+    shards: int = Field(1, ge=1, le=1024, description="Measure a streamed profile in this many block ranges, each a "
+                        "job of its own that any worker may take (the job's own worker takes them too); the cells "
+                        "are the same however many. Needs a streamed model.")
     baseline: str | None = Field(None, max_length=100, description="Choose the point by a published rule instead "
                                  f"of solving: {', '.join(BASELINE_SPECS)}.")
     ties: bool = Field(True, description="Keep each tie group (fused q/k/v, gate/up) in one format, as vLLM needs; "
@@ -250,7 +253,7 @@ class JobCreate(Strict):
                        calibration=self.calibration.source, seq_len=self.calibration.seq_len,
                        samples=self.calibration.samples, seed=self.calibration.seed, bos=self.calibration.bos,
                        kv=kv, hardware=self.hardware, dtype=self.dtype, device=self.device,
-                       max_memory=self.max_memory, stream=self.stream,  # type: ignore[arg-type]
+                       max_memory=self.max_memory, stream=self.stream, shards=self.shards,  # type: ignore[arg-type]
                        evaluation=self.evaluation.source, eval_windows=self.evaluation.windows,
                        baseline=self.baseline, descend=self.descend, refine=self.refine, ties=self.ties,
                        surrogate=self.surrogate)
@@ -261,6 +264,17 @@ class Progress(BaseModel):
     done: int = 0
     total: int = 0
     percent: float = 0.0
+
+
+class ShardOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    blocks: tuple[int, int] = Field(description="The decoder blocks it measures: first, and one past the last.")
+    state: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    attempts: int
+    percent: float
+    error: str | None
 
 
 class JobOut(BaseModel):
@@ -280,6 +294,8 @@ class JobOut(BaseModel):
     seconds: float | None
     result: dict[str, Any] | None = Field(None, description="Timings, whether the profile came from the cache, "
                                                             "the chosen point's id and its held-out evaluation.")
+    shards: list[ShardOut] = Field(default_factory=list, description="The block-range shards of a streamed profile "
+                                   "measured by several workers (`shards` > 1), in order; empty otherwise.")
 
 
 class JobList(BaseModel):

@@ -22,7 +22,7 @@ from bitalloc.service.progress import ProgressTracker
 from bitalloc.service.settings import Settings, get_settings
 from bitalloc.service.storage import BlobStore
 
-TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "builds",
+TABLES = {"tokens", "jobs", "job_logs", "profiles", "fronts", "points", "allocations", "artifacts", "builds", "shards",
           "alembic_version"}
 
 
@@ -46,7 +46,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
 def test_migrations_run_up_down_and_up_again(empty_database):
     engine = make_engine(empty_database)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0005"
+    assert current_revision(engine) == head_revision() == "0006"
     assert TABLES <= set(inspect(engine).get_table_names())
     upgrade(engine)  # again: a no-op, as at every start
     with engine.begin() as connection:
@@ -55,7 +55,7 @@ def test_migrations_run_up_down_and_up_again(empty_database):
         command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(engine)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     engine.dispose()
 
 
@@ -190,15 +190,19 @@ def test_compress_jobs_get_the_spec_they_run_from_their_request_and_the_downgrad
     a request it cannot read, and a build, keep NULL. The downgrade keeps every job and its log."""
     from bitalloc.service.schemas import JobCreate
 
+    def as_stored(body: dict) -> dict:
+        """A request as the API stored it at 0004: without the fields later revisions added."""
+        return JobCreate.model_validate(body).model_dump(mode="json", exclude={"shards"})
+
     engine = make_engine(empty_database)
     upgrade(engine, "0004")
     requests = {
-        "api": JobCreate.model_validate(job_body(
+        "api": as_stored(job_body(
             metric="fisher_mse", budgets={"kl": 0.5, "bytes": 4096, "latency": 0.01}, kv_cache={"context": 64},
             calibration={"source": "zoo:calibration", "seq_len": 32, "samples": 4, "bos": True},
             evaluation={"source": None}, max_memory="1GiB", device="cpu", dtype="bf16", method="gptq", descend=2,
-            ties=False)).model_dump(mode="json"),
-        "target": JobCreate.model_validate(job_body(budgets={"measured_kl": 0.05})).model_dump(mode="json"),
+            ties=False)),
+        "target": as_stored(job_body(budgets={"measured_kl": 0.05})),
         "old": {"model": "zoo:llm", "formats": ["int4_g128"], "hardware": "a100", "points": 8},
     }
     unreadable = {"model": "zoo:llm", "formats": ["int4_g128"], "budgets": {"bits": 4}}
@@ -240,7 +244,7 @@ def test_token_create_prints_the_token_last_and_stores_only_its_hash(tmp_path, m
     try:
         runner = CliRunner()
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "revision 0005" in upgraded.output
+        assert upgraded.exit_code == 0 and "revision 0006" in upgraded.output
         created = runner.invoke(app, ["token", "create", "--name", "ci"])
         assert created.exit_code == 0, created.output
         secret = created.stdout.strip().splitlines()[-1]

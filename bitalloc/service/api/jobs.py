@@ -12,12 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bitalloc.pipeline.inputs import InputError, check_inputs
-from bitalloc.service import garbage, jobs
+from bitalloc.service import garbage, jobs, shards
 from bitalloc.service.api.deps import ContextDep, ListOffset, LogOffset, TokenDep
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
 from bitalloc.service.models import JobLogRecord, JobRecord
-from bitalloc.service.schemas import JobCreate, JobList, JobOut, LogLine, Progress
+from bitalloc.service.schemas import JobCreate, JobList, JobOut, LogLine, Progress, ShardOut
 from bitalloc.service.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -118,9 +118,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def read_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> JobRecord:
+def read_job(job_id: uuid.UUID, ctx: ContextDep, token_id: TokenDep) -> JobOut:
+    """The job, with the progress of its shards when its profile is measured by several workers."""
     with ctx.sessions() as session:
-        return load_job(session, token_id, job_id)
+        job = JobOut.model_validate(load_job(session, token_id, job_id))
+        job.shards = [ShardOut.model_validate(s) for s in shards.states(session, job_id)]
+    return job
 
 
 @router.get("/{job_id}/progress", response_model=Progress, responses=NOT_FOUND)
