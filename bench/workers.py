@@ -10,7 +10,7 @@
   worker count, their ratio to one worker, and where each shard ran; a table and
   ``bench/results/workers.json``.
 
-    python -m bench.workers [--size 0.4B] [--shards 4] [--workers 1,2] [--metric fisher_mse]
+    python -m bench.workers [--size 0.4B] [--shards 4] [--workers 1,2] [--metric fisher_mse] [--method gptq]
                             [--windows 2] [--seq-len 256] [--formats int4_g128,int8_g128]
                             [--database-url URL] [--redis-url URL] [--out workers.json]
 """
@@ -91,9 +91,10 @@ def run(folder: Path, workers: int, args: argparse.Namespace, workdir: Path) -> 
 
         while len(Worker.all(queue=ctx.queue.rq)) < workers:
             time.sleep(0.2)
-        body = {"model": str(folder), "formats": args.formats.split(","), "metric": args.metric, "solver": "dp",
+        body = {"model": str(folder), "formats": args.formats.split(","), "metric": args.metric, "method": args.method,
+                "solver": "dp",
                 "budgets": {"avg_bits": 5.0}, "points": 4, "stream": True, "shards": args.shards,
-                "calibration": {"seq_len": args.seq_len, "samples": args.windows}, "evaluation": {"windows": 0},
+                "calibration": {"seq_len": args.seq_len, "samples": args.windows}, "evaluation": {"source": None},
                 "device": "cpu", "dtype": "fp32"}
         with transaction(ctx.sessions) as session:
             token = create_token(session, "bench")[0]
@@ -113,16 +114,19 @@ def run(folder: Path, workers: int, args: argparse.Namespace, workdir: Path) -> 
                 raise RuntimeError(f"the job {record.state}: {record.error}")
             states = shards.states(session, job.id)
             home = process_of(session, job.id)
-            ran_on = [process_of(session, shard) == home
-                      for shard in session.scalars(select(JobRecord.id).where(JobRecord.kind == "shard"))]
+            timeline = [{"index": s.spec["shard"], "by": "parent" if process_of(session, s.id) == home else "other",
+                         "started": round((s.started_at - record.started_at).total_seconds(), 1),
+                         "seconds": s.seconds}
+                        for s in session.scalars(select(JobRecord).where(JobRecord.kind == "shard"))]
+            ran_on = [shard["by"] == "parent" for shard in timeline]
         return {"workers": workers, "wall_seconds": round(wall, 1), "profile_seconds": record.result["seconds"]["profile"],
                 "shards": len(states), "shards_by_parent": ran_on.count(True),
-                "shards_by_others": ran_on.count(False), "attempts": [s.attempts for s in states]}
+                "shards_by_others": ran_on.count(False), "attempts": [s.attempts for s in states],
+                "timeline": sorted(timeline, key=lambda shard: shard["index"])}
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+        for process in processes:  # a warm shutdown would first run the leftover shard messages (no-ops)
+            process.kill()
+            process.wait()
         ctx.close()
         drop_schema(args.database_url, schema)
 
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="worker counts to run the same job with")
     parser.add_argument("--metric", default="fisher_mse")
+    parser.add_argument("--method", default="gptq", choices=["rtn", "gptq"], help="how each cell is quantized")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--formats", default="int4_g128,int8_g128")
@@ -154,12 +159,12 @@ def main() -> None:
     base = rows[0]["profile_seconds"]
     for row in rows:
         row["profile_ratio"] = round(row["profile_seconds"] / base, 3)
-    record = {"size": args.size, "params": params, "shards": args.shards, "metric": args.metric, "windows": args.windows,
+    record = {"size": args.size, "params": params, "shards": args.shards, "metric": args.metric, "method": args.method, "windows": args.windows,
               "seq_len": args.seq_len, "formats": args.formats.split(","), "threads_per_worker": 1,
               "compute": "cpu, float32, streamed", "runs": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n{args.size} ({params:,} params) {args.metric} profile in {args.shards} shards, "
+    print(f"\n{args.size} ({params:,} params) {args.metric} ({args.method}) profile in {args.shards} shards, "
           f"{args.windows}x{args.seq_len} tokens, 1 torch thread per worker")
     print(f"{'workers':>8}{'profile s':>11}{'ratio':>8}{'job wall s':>12}{'by parent':>11}{'by others':>11}")
     for row in rows:

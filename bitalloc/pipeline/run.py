@@ -26,7 +26,7 @@ from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.metrics.streamed import check_streamable
 from bitalloc.quant.profile import Profile, ProfileCache, compute_of
 from bitalloc.quant.progress import ProgressFn, no_progress
-from bitalloc.quant.shards import Shard, ShardRows, ShardRunner, decode_shared, in_sequence, shard_rows
+from bitalloc.quant.shards import Shard, ShardRows, ShardRunner, decode_inputs, in_sequence, shard_rows
 from bitalloc.quant.stream import StreamedModel, load_within
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Front, front
@@ -149,15 +149,16 @@ def _load(spec: JobSpec, policy: LoadPolicy, stream: bool) -> tuple[LoadedModel,
     return model, model.units(kv_cache=spec.kv is not None), calibration
 
 
-def measure_shard(spec: JobSpec, shard: Shard, shared: bytes, *, policy: LoadPolicy = LoadPolicy(),
+def measure_shard(spec: JobSpec, shard: Shard, inputs: bytes, *, policy: LoadPolicy = LoadPolicy(),
                   progress: ProgressFn = no_progress) -> ShardRows:
     """One shard of the job's streamed profile, in a process of its own (another worker): the
     model streamed as the job streams it, the context as the job builds it, the shared
-    quantities from the job's own walk (``quant.shards.encode_shared``)."""
+    quantities and boundary states from the job's own walk (``quant.shards.encode_inputs``)."""
     check_inputs(spec, policy)
     model, units, calibration = _load(spec, policy, stream=True)
     ctx = ProfilingContext(model, units, parse_formats(spec.formats), calibration, spec.method, progress=progress)
-    return shard_rows(ctx, spec.metric, shard, decode_shared(shared), spec.shards)
+    shared, entry = decode_inputs(inputs)
+    return shard_rows(ctx, spec.metric, shard, shared, entry, spec.shards)
 
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, units: UnitSet,

@@ -213,20 +213,42 @@ class StreamedModel(LoadedModel):
         return captured
 
     def walk(self, batches: list[torch.Tensor], visit: Callable[[int, nn.Module], ContextManager],
-             blocks: range | None = None) -> list[BlockInputs]:
+             blocks: range | None = None, entry: list[torch.Tensor] | None = None) -> list[BlockInputs]:
         """Run the blocks in order on the batches, each block's outputs the next one's inputs, and
         return what the last block run output (as the inputs it was handed, with the new hidden
         states). ``visit(index, block)`` is entered for each block of ``blocks`` (default: all) with
         the block materialized, before it runs (hooks it installs see the block's passes; weights it
         changes are the ones that run), and left after, while the block is still there. Blocks
-        before the range run only to reach it; none after it runs."""
+        before the range run only to reach it, unless ``entry`` gives the hidden states entering
+        its first block (one tensor per batch, ``entry_states``); none after it runs."""
         blocks = range(len(self.blocks)) if blocks is None else blocks
         inputs = self.block_inputs(batches)
-        for index in range(blocks.stop):
+        first = 0
+        if entry is not None:
+            if len(entry) != len(inputs):
+                raise ValueError(f"{len(entry)} entry states for {len(inputs)} batches")
+            inputs = [step.with_hidden(state.to(self.device, self.dtype)) for step, state in zip(inputs, entry)]
+            first = blocks.start
+        for index in range(first, blocks.stop):
             with self.materialized(index) as block, (visit(index, block) if index in blocks else contextlib.nullcontext()):
                 with torch.no_grad():
                     inputs = [step.with_hidden(step.run(block)) for step in inputs]
         return inputs
+
+    def entry_states(self, batches: list[torch.Tensor], starts: list[int]) -> dict[int, list[torch.Tensor]]:
+        """The hidden states entering each block of ``starts`` (one tensor per batch), from one
+        forward walk: what lets a block range run without the blocks before it."""
+        wanted = sorted(set(starts))
+        found: dict[int, list[torch.Tensor]] = {}
+        inputs = self.block_inputs(batches)
+        for index in range(wanted[-1] if wanted else 0):
+            if index in wanted:
+                found[index] = [step.hidden for step in inputs]
+            with self.materialized(index) as block, torch.no_grad():
+                inputs = [step.with_hidden(step.run(block)) for step in inputs]
+        if wanted:
+            found[wanted[-1]] = [step.hidden for step in inputs]
+        return found
 
     def units(self, *, kv_cache: bool = False) -> UnitSet:
         """``units.enumerate_units`` of the skeleton, tie groups found on a materialized block."""

@@ -151,8 +151,8 @@ class Executor:
         if self.measure is not None:
             part = self.measure(shard)
         else:
-            shared = self.ctx.storage.path(record.shared_sha256).read_bytes()
-            part = measure_shard(spec, shard, shared, policy=self.ctx.settings.load_policy(), progress=attempt.progress)
+            inputs = self.ctx.storage.path(record.inputs_sha256).read_bytes()
+            part = measure_shard(spec, shard, inputs, policy=self.ctx.settings.load_policy(), progress=attempt.progress)
         digest = self.ctx.storage.put_bytes(encode_rows(part))
 
         def store(session: Session) -> Outcome:

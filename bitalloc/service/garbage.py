@@ -50,7 +50,7 @@ from bitalloc.service.storage import BlobStore
 
 log = logging.getLogger("bitalloc.garbage")
 
-REFERENCES = (ArtifactRecord.sha256, ProfileRecord.sha256, ShardRecord.shared_sha256, ShardRecord.rows_sha256)
+REFERENCES = (ArtifactRecord.sha256, ProfileRecord.sha256, ShardRecord.inputs_sha256, ShardRecord.rows_sha256)
 IN_CHUNK = 500  # SQLite and PostgreSQL both bound how many parameters one IN (...) takes
 
 

@@ -167,7 +167,7 @@ def delete(session: Session, job: JobRecord) -> set[str]:
         raise StateConflict("a build of this job is running: cancel it first")
     owners = or_(ArtifactRecord.job_id == job.id, ArtifactRecord.job_id.in_(builds))
     candidates = set(session.scalars(select(ArtifactRecord.sha256).where(owners)))
-    shards = session.execute(select(ShardRecord.job_id, ShardRecord.shared_sha256, ShardRecord.rows_sha256)
+    shards = session.execute(select(ShardRecord.job_id, ShardRecord.inputs_sha256, ShardRecord.rows_sha256)
                              .where(ShardRecord.parent_id == job.id)).all()
     candidates |= {sha for _, *blobs in shards for sha in blobs if sha is not None}
     # A build's or a shard's job row is not a child of the parent's in the schema, so it goes explicitly.

@@ -262,20 +262,21 @@ class ShardRecord(Base):
     (kind ``shard``) so that any worker can take it and a lost one is retried like any job.
 
     ``parent_id`` is the compress job, which plans the shards, waits for them (running what no
-    other worker took) and merges their rows. ``shared_sha256`` names the metric's shared
-    quantities in the blob store; a parent retried with the same ones reuses the shards already
-    measured, and ones made from different bytes are never merged with them. ``rows_sha256``
-    names the shard's measured rows once it succeeded.
+    other worker took) and merges their rows. ``inputs_sha256`` names the shard's inputs in the
+    blob store (the metric's shared quantities and the hidden states entering its first block);
+    a parent retried with the same inputs reuses the shards already measured, and shards of
+    other inputs are never merged with them. ``rows_sha256`` names the measured rows once the
+    shard succeeded.
     """
 
     __tablename__ = "shards"
-    __table_args__ = (UniqueConstraint("parent_id", "shared_sha256", "index", name="uq_shards_parent_shared_index"),)
+    __table_args__ = (UniqueConstraint("parent_id", "inputs_sha256", "index", name="uq_shards_parent_inputs_index"),)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     parent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     index: Mapped[int]
     first_block: Mapped[int]
     stop_block: Mapped[int]
-    shared_sha256: Mapped[str] = mapped_column(String(64))
+    inputs_sha256: Mapped[str] = mapped_column(String(64))
     rows_sha256: Mapped[str | None] = mapped_column(String(64))
 
     job: Mapped[JobRecord] = relationship(foreign_keys=[job_id], lazy="joined")

@@ -1,15 +1,16 @@
 """A compress job's streamed profile, measured in block-range shards that any worker may take.
 
-The compress job's attempt is the profile's ``ShardRunner`` (``quant.shards``). It stores the
-metric's shared quantities in the blob store and makes one job of kind ``shard`` per block
-range (a ``ShardRecord`` says which), puts each on the queue, and then works through them
+The compress job's attempt is the profile's ``ShardRunner`` (``quant.shards``). It stores each
+shard's inputs (the metric's shared quantities and the hidden states entering the shard) in
+the blob store and makes one job of kind ``shard`` per block range (a ``ShardRecord`` says
+which), puts each on the queue, and then works through them
 itself: it claims a queued shard like any worker and measures it on the context it already
 holds, and when none is left to claim it waits for the ones other workers run. A shard whose
 worker dies is retried by the reaper like any job (or claimed by the parent once it is queued
 again); a shard that fails for good fails the parent. The rows come back through the blob
 store, and ``quant.shards.merge`` refuses a missing or repeated shard.
 
-A parent that is retried finds the shards of its earlier attempt by their shared bytes: those
+A parent that is retried finds the shards of its earlier attempt by their inputs' bytes: those
 that succeeded are reused, failed ones run again. When the parent stops (canceled, failed,
 timed out, its worker shutting down) the shards it left are canceled.
 """
@@ -27,7 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from bitalloc.quant.progress import ProgressFn
-from bitalloc.quant.shards import Measure, Shard, ShardRows, decode_rows
+from bitalloc.quant.shards import Inputs, Measure, Shard, ShardRows, decode_rows
 from bitalloc.service import jobs
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
@@ -44,27 +45,27 @@ RunHere = Callable[[uuid.UUID, Measure], "str | None"]
 """Claim and run one shard job in this process with ``measure`` (``None`` when it was not queued)."""
 
 
-def request_hash(parent_id: uuid.UUID, shared_sha256: str, index: int) -> str:
-    request = {"parent": str(parent_id), "shared": shared_sha256, "index": index}
+def request_hash(parent_id: uuid.UUID, inputs_sha256: str, index: int) -> str:
+    request = {"parent": str(parent_id), "inputs": inputs_sha256, "index": index}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
-def plan_jobs(session: Session, parent: JobRecord, layout: list[Shard], shared_sha256: str) -> list[ShardRecord]:
-    """The shard rows of ``layout`` for these shared bytes: found (a failed or canceled one queued
-    again) or made anew; the live shards of the parent's other shared bytes are canceled."""
-    found = {r.index: r for r in session.scalars(select(ShardRecord).where(
-        ShardRecord.parent_id == parent.id, ShardRecord.shared_sha256 == shared_sha256))}
+def plan_jobs(session: Session, parent: JobRecord, layout: list[Shard], inputs: list[str]) -> list[ShardRecord]:
+    """The shard rows of ``layout`` whose inputs are the blobs ``inputs`` (one per shard): found (a
+    failed or canceled one queued again) or made anew; the parent's other live shards are canceled."""
+    found = {(r.index, r.inputs_sha256): r for r in session.scalars(select(ShardRecord).where(
+        ShardRecord.parent_id == parent.id))}
     records = []
-    for shard in layout:
-        record = found.get(shard.index)
+    for shard, digest in zip(layout, inputs, strict=True):
+        record = found.pop((shard.index, digest), None)
         if record is None:
             job = JobRecord(token_id=parent.token_id, kind="shard", state="queued", progress={},
-                            request_hash=request_hash(parent.id, shared_sha256, shard.index),
+                            request_hash=request_hash(parent.id, digest, shard.index),
                             spec={"parent": str(parent.id), "shard": shard.index,
                                   "blocks": [shard.blocks.start, shard.blocks.stop]},
                             max_attempts=parent.max_attempts, timeout_seconds=parent.timeout_seconds)
             record = ShardRecord(job=job, parent_id=parent.id, index=shard.index, first_block=shard.blocks.start,
-                                 stop_block=shard.blocks.stop, shared_sha256=shared_sha256)
+                                 stop_block=shard.blocks.stop, inputs_sha256=digest)
             session.add(record)
             session.flush()
             jobs.add_log(session, job.id, f"queued: shard {shard.index + 1} of {len(layout)} (blocks "
@@ -76,9 +77,7 @@ def plan_jobs(session: Session, parent: JobRecord, layout: list[Shard], shared_s
                 state="queued", attempts=0, error=None, cancel_requested=False, finished_at=None))
             jobs.add_log(session, record.job_id, "queued again: its parent job runs again")
         records.append(record)
-    stale = select(ShardRecord.job_id).where(ShardRecord.parent_id == parent.id,
-                                              ShardRecord.shared_sha256 != shared_sha256)
-    cancel(session, stale)
+    cancel(session, [r.job_id for r in found.values()])
     return records
 
 
@@ -102,17 +101,14 @@ class ShardState:
 
 
 def states(session: Session, parent_id: uuid.UUID) -> list[ShardState]:
-    """The shards of the parent's latest plan (its most recently made shared bytes), in order."""
-    latest = session.scalar(select(ShardRecord.shared_sha256).join(ShardRecord.job)
-                            .where(ShardRecord.parent_id == parent_id).order_by(JobRecord.created_at.desc()).limit(1))
-    if latest is None:
-        return []
-    records = session.scalars(select(ShardRecord).where(ShardRecord.parent_id == parent_id,
-                                                        ShardRecord.shared_sha256 == latest)
-                              .order_by(ShardRecord.index))
+    """The shards of the parent's latest plan (the most recently made row of each index), in order."""
+    latest: dict[int, ShardRecord] = {}
+    for record in session.scalars(select(ShardRecord).join(ShardRecord.job).where(ShardRecord.parent_id == parent_id)
+                                  .order_by(JobRecord.created_at)):
+        latest[record.index] = record
     return [ShardState(r.index, (r.first_block, r.stop_block), r.job.state, r.job.attempts,
                        float((r.job.progress or {}).get("percent", 100.0 if r.job.state == "succeeded" else 0.0)),
-                       r.job.error) for r in records]
+                       r.job.error) for _, r in sorted(latest.items())]
 
 
 class WorkerShards:
@@ -121,11 +117,11 @@ class WorkerShards:
     def __init__(self, ctx: Context, parent_id: uuid.UUID, progress: ProgressFn, run_here: RunHere) -> None:
         self.ctx, self.parent_id, self.progress, self.run_here = ctx, parent_id, progress, run_here
 
-    def __call__(self, layout: list[Shard], shared: bytes, measure: Measure) -> list[ShardRows]:
-        digest = self.ctx.storage.put_bytes(shared)
+    def __call__(self, layout: list[Shard], inputs: Inputs, measure: Measure) -> list[ShardRows]:
+        digests = [self.ctx.storage.put_bytes(inputs(shard)) for shard in layout]
         with transaction(self.ctx.sessions) as session:
             parent = session.get_one(JobRecord, self.parent_id)
-            sent = [(r.job_id, r.job.attempts + 1) for r in plan_jobs(session, parent, layout, digest)]
+            sent = [(r.job_id, r.job.attempts + 1) for r in plan_jobs(session, parent, layout, digests)]
             jobs.add_log(session, parent.id, f"profile split into {len(layout)} shards of "
                                              f"{', '.join(str(len(s.blocks)) for s in layout)} blocks")
         ids = [job_id for job_id, _ in sent]

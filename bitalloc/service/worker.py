@@ -99,6 +99,7 @@ def run_rq_worker(ctx: Context, burst: bool = False) -> None:
 
     if not isinstance(ctx.queue, RQQueue):
         raise ValueError("bitalloc worker needs BITALLOC_REDIS_URL (without it, `bitalloc serve` runs jobs itself)")
+    preload()
     reaper = Reaper(ctx)
     reaper.start()
     try:
@@ -111,6 +112,16 @@ def run_rq_worker(ctx: Context, burst: bool = False) -> None:
                 wait_for_redis(ctx.queue.redis.ping, (RedisDown, RedisTimeout))
     finally:
         reaper.stop()
+
+
+def preload() -> None:
+    """Import what every job loads a model with before RQ forks a work horse per job, so that each
+    horse starts with it: transformers' lazy modules take seconds to import, which every shard
+    of a profile would otherwise pay again."""
+    import transformers
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"):
+        getattr(transformers, name)
 
 
 def wait_for_redis(ping: Callable[[], object], outage: tuple[type[Exception], ...],

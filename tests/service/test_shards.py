@@ -85,25 +85,25 @@ def test_shards_need_a_streamed_model(embedded_settings, model_root):
 
 
 def test_a_retried_parent_reuses_the_shards_it_measured_and_runs_the_failed_ones_again(embedded_settings):
-    """``plan_jobs`` by the same shared bytes finds the earlier rows; other bytes cancel them."""
+    """``plan_jobs`` with the same inputs finds the earlier rows; a shard of other inputs cancels them."""
     with running_app(embedded_settings.model_copy(update={"worker_threads": 0})) as (client, ctx):
         with transaction(ctx.sessions) as session:
             token = create_token(session, "t")[0]
             parent, _ = jobs.submit(session, token.id, JobCreate.model_validate(job_body()), ctx.settings)
-            first = shards.plan_jobs(session, parent, plan(4, 2), "a" * 64)
+            first = shards.plan_jobs(session, parent, plan(4, 2), ["a" * 64, "b" * 64])
             first_ids = [r.job_id for r in first]
             session.get_one(JobRecord, first_ids[0]).state = "succeeded"
             session.get_one(JobRecord, first_ids[1]).state = "failed"
         with transaction(ctx.sessions) as session:
             parent = session.get_one(JobRecord, parent.id)
-            again = shards.plan_jobs(session, parent, plan(4, 2), "a" * 64)
+            again = shards.plan_jobs(session, parent, plan(4, 2), ["a" * 64, "b" * 64])
             assert [r.job_id for r in again] == first_ids
             assert [r.job.state for r in again] == ["succeeded", "queued"]
-            other = shards.plan_jobs(session, parent, plan(4, 2), "b" * 64)
-            assert not {r.job_id for r in other} & set(first_ids)
+            other = shards.plan_jobs(session, parent, plan(4, 2), ["a" * 64, "c" * 64])
+            assert other[0].job_id == first_ids[0] and other[1].job_id != first_ids[1]
         with ctx.sessions() as session:
             assert session.get_one(JobRecord, first_ids[1]).state == "canceled"
-            assert [s.state for s in shards.states(session, parent.id)] == ["queued", "queued"]
+            assert [(s.index, s.state) for s in shards.states(session, parent.id)] == [(0, "succeeded"), (1, "queued")]
 
 
 def worker_env(settings, **more: str) -> dict[str, str]:

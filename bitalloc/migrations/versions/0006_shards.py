@@ -55,11 +55,11 @@ def upgrade() -> None:
         sa.Column("index", sa.Integer(), nullable=False),
         sa.Column("first_block", sa.Integer(), nullable=False),
         sa.Column("stop_block", sa.Integer(), nullable=False),
-        sa.Column("shared_sha256", sa.String(64), nullable=False),
+        sa.Column("inputs_sha256", sa.String(64), nullable=False),
         sa.Column("rows_sha256", sa.String(64), nullable=True),
         _fk("job_id"), _fk("parent_id"),
         sa.PrimaryKeyConstraint("job_id", name="pk_shards"),
-        sa.UniqueConstraint("parent_id", "shared_sha256", "index", name="uq_shards_parent_shared_index"),
+        sa.UniqueConstraint("parent_id", "inputs_sha256", "index", name="uq_shards_parent_inputs_index"),
     )
     op.create_index("ix_shards_parent_id", "shards", ["parent_id"])
 

@@ -93,12 +93,13 @@ def streamed_metric(ctx: ProfilingContext, metric: str) -> StreamedMetric:
     return STREAMED[metric]
 
 
-def block_rows(ctx: ProfilingContext, metric: StreamedMetric, shared: Shared, blocks: range, phase: str
-               ) -> tuple[list[int], np.ndarray]:
+def block_rows(ctx: ProfilingContext, metric: StreamedMetric, shared: Shared, blocks: range, phase: str,
+               entry: list[torch.Tensor] | None = None) -> tuple[list[int], np.ndarray]:
     """The rows of the units in ``blocks`` (their indices among the weight units, and their cells),
     block by block: each block runs on the calibration batches (collecting its units' Hessians,
     which GPTQ and the cells use), then ``metric.fill`` gives its units' rows. The blocks before
-    the range run only to hand it their hidden states; none after it runs."""
+    the range run only to hand it their hidden states, unless ``entry`` gives those; none after
+    it runs."""
     model: StreamedModel = ctx.model  # type: ignore[assignment]
     units = ctx.weight_units
     row = {u.name: i for i, u in enumerate(units)}
@@ -115,7 +116,7 @@ def block_rows(ctx: ProfilingContext, metric: StreamedMetric, shared: Shared, bl
         found.update({row[u.name]: cells[k] for k, u in enumerate(members[index])})
         ctx.progress(index - blocks.start + 1, len(blocks), phase)
 
-    model.walk(ctx.batches(), visit, blocks)
+    model.walk(ctx.batches(), visit, blocks, entry)
     rows = sorted(found)
     return rows, np.array([found[r] for r in rows]).reshape(len(rows), len(ctx.formats))
 

@@ -133,7 +133,21 @@ function jobHeader(job) {
     h("p", {}, h("a", {href: "#/", text: "← all jobs"})),
     h("h2", {}, `Job ${job.id} `, stateBadge(job.state)),
     ACTIVE.includes(job.state) && progressCell(job),
+    shardList(job.shards),
     h("dl", {class: "facts"}, facts.map(([k, v]) => h("div", {}, h("dt", {text: k}), h("dd", {text: v})))));
+}
+
+/** The block-range shards of a profile measured by several workers, each with its state and progress. */
+function shardList(shards) {
+  if (!shards?.length) return false;
+  const measured = shards.filter((s) => s.state === "succeeded").length;
+  return h("div", {class: "shards"},
+    h("p", {text: `profile shards: ${measured} of ${shards.length} measured`}),
+    h("ul", {}, shards.map((s) => h("li", {},
+      `shard ${s.index + 1} · blocks ${s.blocks[0]}–${s.blocks[1] - 1} `, stateBadge(s.state),
+      ACTIVE.includes(s.state) && progressBar(s.percent, `${Math.round(s.percent)}%`),
+      s.attempts > 1 && ` attempt ${s.attempts}`,
+      s.error && h("span", {class: "error-text", text: ` ${s.error}`})))));
 }
 
 function notFinished(job) {
