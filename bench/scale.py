@@ -5,7 +5,8 @@ memory cap, and of a held-out evaluation of one allocation streamed the same way
 * **Models.** ``write_llama`` writes a Llama-shaped model with random bf16 weights as sharded
   safetensors, one tensor at a time (the whole model is never in memory), with the reference
   SmolLM2 tokenizer. ``SIZES`` names widths and depths near 0.1B, 0.4B and 1B parameters
-  (``--sizes`` picks some; ``--depth`` scales every depth, for the same width at more depths).
+  (``--sizes`` picks some; ``--depths`` scales each one's depth by several factors, for the
+  same width at more depths: ``--sizes 1B --depths 0.27,1,1.64`` runs 6, 22 and 36 blocks).
 * **Runs.** Each model is profiled streamed (in fp32 on the CPU) in a fresh process (``--run``),
   then the profile's exact optimum at ``--avg-bits`` is scored on ``--eval-windows`` held-out
   windows (KL from the unquantized model, both streamed); the process reports its wall times and
@@ -13,9 +14,9 @@ memory cap, and of a held-out evaluation of one allocation streamed the same way
   under ``--max-memory``.
 * **Output.** A table, and ``bench/results/scale.json``.
 
-    python -m bench.scale [--sizes 0.1B,0.4B,1B] [--max-memory 2GiB] [--windows 2] [--seq-len 256]
+    python -m bench.scale [--sizes 0.1B,0.4B,1B] [--depths 1] [--max-memory 2GiB] [--windows 2] [--seq-len 256]
                           [--metric fisher_mse] [--eval-windows 2] [--avg-bits 5] [--shards 1]
-                          [--formats int4_g128,int8_g128] [--threads 1] [--depth 1.0] [--workdir DIR] [--keep]
+                          [--formats int4_g128,int8_g128] [--threads 1] [--workdir DIR] [--keep]
                           [--out scale.json]
 """
 
@@ -146,9 +147,11 @@ def run(folder: Path, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from bitalloc.quant.device import parse_bytes
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
-    parser.add_argument("--depth", type=float, default=1.0, help="scale every model's depth by this factor")
+    parser.add_argument("--depths", default="1", help="factors each size's depth is scaled by, one model each")
     parser.add_argument("--max-memory", default="2GiB", help="the cap the profile runs under")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -169,10 +172,10 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bitalloc-scale-"))
     rows = []
-    for name in args.sizes.split(","):
+    for name, depth in [(n, float(d)) for n in args.sizes.split(",") for d in args.depths.split(",")]:
         base = SIZES[name]
-        shape = Shape(base.hidden, base.intermediate, max(1, round(base.layers * args.depth)), base.heads, base.kv_heads)
-        folder = workdir / name
+        shape = Shape(base.hidden, base.intermediate, max(1, round(base.layers * depth)), base.heads, base.kv_heads)
+        folder = workdir / f"{name}-{shape.layers}"
         params = write_llama(folder, shape)
         child = [sys.executable, "-m", "bench.scale", "--run", str(folder), "--max-memory", args.max_memory,
                  "--windows", str(args.windows), "--seq-len", str(args.seq_len), "--formats", args.formats,
@@ -190,17 +193,19 @@ def main() -> None:
     record = {"max_memory": args.max_memory, "windows": args.windows, "seq_len": args.seq_len,
               "formats": args.formats.split(","), "threads": args.threads, "metric": args.metric,
               "eval_windows": args.eval_windows, "avg_bits": args.avg_bits, "shards": args.shards,
-              "depth": args.depth, "compute": "cpu, float32", "runs": rows}
+              "depths": args.depths.split(","), "compute": "cpu, float32", "runs": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nstreamed {args.metric} profile (and a {args.eval_windows}-window evaluation) under --max-memory {args.max_memory}, {args.windows}x{args.seq_len} tokens, "
           f"{len(record['formats'])} formats, {args.threads} thread(s)")
-    print(f"{'size':<6}{'params':>14}{'fp32 MiB':>10}{'layers':>8}{'seconds':>10}{'eval s':>8}{'peak RSS MiB':>14}"
-          f"{'under cap':>11}")
+    print(f"{'size':<6}{'params':>14}{'fp32 MiB':>10}{'x cap':>7}{'layers':>8}{'seconds':>10}{'s/Gparam':>10}"
+          f"{'eval s':>8}{'peak RSS MiB':>14}{'under cap':>11}")
+    cap = parse_bytes(args.max_memory)
     for row in rows:
-        print(f"{row['size']:<6}{row['params']:>14,}{row['params'] * 4 // 2**20:>10}{row['layers']:>8}"
-              f"{row.get('seconds', '-'):>10}{row.get('eval_seconds', '-'):>8}{row.get('peak_rss_mib', row.get('failed', '-')):>14}"
-              f"{str(row.get('under_cap', '-')):>11}")
+        per = f"{row['seconds'] / row['params'] * 1e9:.0f}" if "seconds" in row else "-"
+        print(f"{row['size']:<6}{row['params']:>14,}{row['params'] * 4 // 2**20:>10}{row['params'] * 4 / cap:>7.2f}"
+              f"{row['layers']:>8}{row.get('seconds', '-'):>10}{per:>10}{row.get('eval_seconds', '-'):>8}"
+              f"{row.get('peak_rss_mib', row.get('failed', '-')):>14}{str(row.get('under_cap', '-')):>11}")
 
 
 if __name__ == "__main__":

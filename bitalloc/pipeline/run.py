@@ -21,6 +21,7 @@ from bitalloc.quant.calibration import CalibrationSet, calibration_for, evaluati
 from bitalloc.quant.device import resolve_device
 from bitalloc.quant.evaluate import Evaluator
 from bitalloc.quant.formats import parse_formats
+from bitalloc.quant.hessian import BlockHessians, Hessians
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, model_dtype
 from bitalloc.quant.metrics.context import ProfilingContext
 from bitalloc.quant.metrics.streamed import check_streamable
@@ -64,16 +65,14 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
 def check_streamed(spec: JobSpec, why: str) -> None:
     """Refuse, before any profiling, what a job cannot do on a model streamed block by block yet
     (``why`` it streams: asked for, or its weights do not fit): metrics that need the whole model,
-    descent (its gradient flows through every block at once), NNCF's activation statistics, and
-    GPTQ's measured steps (they need every unit's Hessian at once). Scoring the model forward
-    (the evaluation, the accuracy target, the surrogate, refinement) streams like the profile."""
+    descent (its gradient flows through every block at once) and NNCF's activation statistics.
+    Scoring the model forward (the evaluation, the accuracy target, the surrogate, refinement)
+    streams like the profile, GPTQ's Hessians summed block by block as it goes."""
     try:
         check_streamable(spec.metric)
     except ValueError as exc:
         raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
-    measured = spec.measured_kl is not None or bool(spec.surrogate) or bool(spec.refine)
-    whole_model = {"descend": bool(spec.descend), "baseline": (spec.baseline or "").startswith("nncf"),
-                   "measured search with gptq": measured and spec.method == "gptq"}
+    whole_model = {"descend": bool(spec.descend), "baseline": (spec.baseline or "").startswith("nncf")}
     asked = [name for name, wanted in whole_model.items() if wanted]
     if asked:
         raise ValueError(f"the model is streamed block by block ({why}), and {', '.join(asked)} need(s) the whole "
@@ -127,10 +126,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     lap("solve")
 
     evaluation = None
-    if streamed and chosen is not None and spec.evaluation and spec.method == "gptq":
-        work.note("the held-out evaluation is skipped: GPTQ needs every unit's Hessian at once, which a model "
-                  "streamed block by block does not hold")
-    elif chosen is not None and model.is_causal_lm and spec.evaluation:
+    if chosen is not None and model.is_causal_lm and spec.evaluation:
         progress(0, 1, "evaluate")
         evaluation = evaluate_point(model, chosen, spec, units, work.hessians)
         progress(1, 1, "evaluate")
@@ -162,7 +158,7 @@ def measure_shard(spec: JobSpec, shard: Shard, inputs: bytes, *, policy: LoadPol
 
 
 def evaluate_point(model: LoadedModel, allocation: Allocation, spec: JobSpec, units: UnitSet,
-                   hessians: dict | None = None) -> dict:
+                   hessians: Hessians | BlockHessians | None = None) -> dict:
     """Held-out perplexity, KL and top-1 agreement of one allocation (GPTQ needs the Hessians),
     with its bytes and average bits as the evaluated model holds them."""
     windows = evaluation_tokens(model.tokenizer, spec.evaluation, seq_len=spec.seq_len, max_windows=spec.eval_windows,

@@ -29,12 +29,13 @@ from bitalloc.pipeline.spec import KL_METRICS, JobSpec
 from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
 from bitalloc.quant.evaluate import Evaluator, MeasuredKL
 from bitalloc.quant.formats import parse_formats
-from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.hessian import BlockHessians, Hessians, calibration_hessians
 from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.profile import ProfileCache
 from bitalloc.quant.sensitivity import nncf_scores
 from bitalloc.quant.simulation import QuantizedWeights
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import UnitSet
 from bitalloc.search import Allocation, Budgets, Problem, get_solver, smallest_within, solve
 from bitalloc.search.baselines import hawq_v3, rescore
@@ -82,10 +83,13 @@ class Workspace:
         self.notify(message)
 
     @functools.cached_property
-    def hessians(self) -> dict | None:
-        """GPTQ's calibration Hessians, collected once for measurement and evaluation alike."""
+    def hessians(self) -> Hessians | BlockHessians | None:
+        """GPTQ's calibration Hessians, collected once for measurement and evaluation alike; for a
+        model streamed block by block, summed block by block whenever it is scored."""
         if self.spec.method != "gptq":
             return None
+        if isinstance(self.model, StreamedModel):
+            return BlockHessians(self.units, self.calibration)
         return calibration_hessians(self.model.module, self.units, self.calibration)
 
     @functools.cached_property

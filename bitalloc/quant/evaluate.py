@@ -26,7 +26,7 @@ import torch
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.execution import logits
 from bitalloc.quant.formats import get_format
-from bitalloc.quant.hessian import Hessians
+from bitalloc.quant.hessian import BlockHessians, Hessians
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.quantizers import Method
 from bitalloc.quant.simulation import QuantizedWeights
@@ -99,7 +99,7 @@ class Evaluator:
                 yield log_probs
 
     def evaluate(self, allocation: Mapping[str, str], *, method: Method = "rtn",
-                 hessians: Hessians | None = None, units: UnitSet | None = None,
+                 hessians: Hessians | BlockHessians | None = None, units: UnitSet | None = None,
                  max_windows: int | None = None) -> Evaluation:
         """Score ``allocation`` (weights and KV caches; an empty one scores the model as it is);
         with ``units`` also report its weights' exact bytes and average bits."""
@@ -171,7 +171,7 @@ class MeasuredKL:
     """
 
     def __init__(self, evaluator: Evaluator, *, method: Method = "rtn",
-                 hessians: Hessians | None = None) -> None:
+                 hessians: Hessians | BlockHessians | None = None) -> None:
         self.evaluator, self.method, self.hessians = evaluator, method, hessians
         self.window = evaluator.windows.inputs.shape[-1]
 

@@ -10,7 +10,9 @@ model held whole and a model streamed block by block (``quant.stream``) are scor
   checkpoint with its own units quantized (and the simulated KV cache, when the allocation
   quantizes caches, handed to every block), then the head runs on the last hidden states.
   A whole walk serves every batch, so the boundary states of all of them are kept (windows x
-  tokens x hidden size: megabytes where the weights are gigabytes).
+  tokens x hidden size: megabytes where the weights are gigabytes). GPTQ's Hessians come block
+  by block (``hessian.BlockHessians``): the calibration batches walk beside the scored ones
+  through each block as read, before its units are quantized.
 
 ``logits`` is a generator that holds the allocation applied while it is suspended: consume it
 to the end or close it (``contextlib.closing``) so that the weights are put back at once.
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from bitalloc.quant.device import module_device
-from bitalloc.quant.hessian import Hessians
+from bitalloc.quant.hessian import BlockHessians, Hessians, HessianSums
 from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.quantizers import Method
@@ -41,17 +43,21 @@ def model_logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def logits(model: LoadedModel, batches: Sequence[torch.Tensor], allocation: Mapping[str, str] | None = None, *,
-           method: Method = "rtn", hessians: Hessians | None = None,
+           method: Method = "rtn", hessians: Hessians | BlockHessians | None = None,
            cache: QuantizedWeights | None = None) -> Iterator[torch.Tensor]:
     """Each batch's float32 logits with ``allocation`` (unit -> format name, weights and KV caches)
     applied; nothing applied when it is None or empty. Gradients flow where the caller enables
-    them, on a model held whole."""
+    them, on a model held whole. ``hessians`` are GPTQ's: summed already, or, for a streamed
+    model, ``BlockHessians`` to sum block by block."""
     allocation = dict(allocation or {})
     if not batches:
         return
     if isinstance(model, StreamedModel):
         yield from _streamed(model, batches, allocation, method, hessians, cache)
         return
+    if isinstance(hessians, BlockHessians):
+        raise TypeError("BlockHessians are summed while a streamed model is walked: give a model held whole "
+                        "its Hessians (hessian.calibration_hessians)")
     with (applied(model, allocation, method=method, hessians=hessians, cache=cache),
           kv_applied(model, allocation)):
         for batch in batches:
@@ -59,19 +65,21 @@ def logits(model: LoadedModel, batches: Sequence[torch.Tensor], allocation: Mapp
 
 
 def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation: dict[str, str], method: Method,
-              hessians: Hessians | None, cache: QuantizedWeights | None) -> Iterator[torch.Tensor]:
+              hessians: Hessians | BlockHessians | None, cache: QuantizedWeights | None) -> Iterator[torch.Tensor]:
     """``logits`` of a model streamed block by block: the weights of one block at a time."""
     if torch.is_grad_enabled():
         raise ValueError("gradients cannot flow through a model streamed block by block yet (descent needs them): "
                          "give a --max-memory the weights fit in")
     prefixes = [model.block_prefix(index) for index in range(len(model.blocks))]
+    beside = _CalibrationWalk(model, hessians) if isinstance(hessians, BlockHessians) else None
 
     def of_block(index: int) -> dict[str, str]:
         return {name: fmt for name, fmt in allocation.items() if name.startswith(prefixes[index])}
 
     @contextlib.contextmanager
     def quantized(index: int, block: nn.Module) -> Iterator[None]:
-        with applied(model, of_block(index), method=method, hessians=hessians, cache=cache):
+        sums = hessians if beside is None else beside.step(index, block)
+        with applied(model, of_block(index), method=method, hessians=sums, cache=cache):
             yield
 
     # The KV units' cache rides in the keyword arguments every block is handed: captured with the
@@ -86,3 +94,26 @@ def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation:
         with model.bypassed(state.hidden), applied(model, outside, method=method, hessians=hessians, cache=cache):
             out = model_logits(model.module, batch)
         yield out
+
+
+class _CalibrationWalk:
+    """The calibration batches walked beside a streamed scoring walk, through the unquantized
+    blocks: ``step`` runs them through the block just read and returns its units' Hessians."""
+
+    def __init__(self, model: StreamedModel, source: BlockHessians) -> None:
+        self.model, self.source = model, source
+        self.modules = dict(model.module.named_modules())
+        self.inputs = model.block_inputs(source.calibration.batches(source.batch_size))
+        self.members: dict[int, list] = {}
+        for unit in source.units.weights:
+            index = next((i for i in range(len(model.blocks)) if unit.name.startswith(model.block_prefix(i))), None)
+            if index is not None:
+                self.members.setdefault(index, []).append(unit)
+
+    def step(self, index: int, block: nn.Module) -> Hessians:
+        units = self.members.get(index, [])
+        names = {u.name for u in units}
+        groups = [g for g in self.source.units.tie_groups if g[0] in names]
+        with HessianSums(self.modules, units, groups) as sums, torch.no_grad():
+            self.inputs = [step.with_hidden(step.run(block)) for step in self.inputs]
+        return Hessians(sums.result(), self.source.calibration.samples)

@@ -9,6 +9,7 @@ the same input (a tie group such as q/k/v) share one matrix, computed once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,9 +52,13 @@ class HessianSums:
     def _hook(self, name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
             rows = _input_rows(module, args[0].detach()).float()
-            # float32 products per batch (fast), float64 running sum (no drift over many batches).
-            update = (rows.T @ rows).double()
-            self.sums[name] = update if name not in self.sums else self.sums[name] + update
+            # A float32 running sum, added in place: a float64 one would double the largest matrix a
+            # block holds (down_proj's, intermediate x intermediate) for a drift far below the
+            # cells' own noise (tens of batches, each summed in float32 anyway).
+            if name in self.sums:
+                self.sums[name].addmm_(rows.T, rows)
+            else:
+                self.sums[name] = rows.T @ rows
         return accumulate
 
     def __enter__(self) -> "HessianSums":
@@ -67,9 +72,9 @@ class HessianSums:
         self._handles = []
 
     def result(self) -> dict[str, torch.Tensor]:
-        """``{unit name: H}`` in float32, tie-group members sharing their leader's matrix. Each float64
-        sum is released as it is converted (never both copies of every matrix at once): call it once."""
-        result = {name: self.sums.pop(name).float() for name in list(self.sums)}
+        """``{unit name: H}`` in float32, tie-group members sharing their leader's matrix (handed over,
+        not copied: call it once)."""
+        result = {name: self.sums.pop(name) for name in list(self.sums)}
         for unit in self.units:
             if unit.name not in result and self.leader.get(unit.name) in result:
                 result[unit.name] = result[self.leader[unit.name]]
@@ -116,6 +121,18 @@ class Hessians(dict):
     def importance(self, name: str) -> torch.Tensor:
         """Unit ``name``'s importance matrix, as ``llama-quantize --imatrix`` reads it."""
         return importance_matrix(self[name], self.tokens)
+
+
+@dataclass(frozen=True)
+class BlockHessians:
+    """GPTQ's calibration Hessians for a model streamed block by block, never held all at once:
+    ``quant.execution`` walks the calibration batches through each unquantized block beside the
+    batches it scores, and sums that block's Hessians just before its units are quantized. The
+    sums are the ones ``calibration_hessians`` gives the model held whole."""
+
+    units: UnitSet
+    calibration: CalibrationSet
+    batch_size: int = 4
 
 
 def calibration_hessians(model: nn.Module, units: UnitSet, calibration: CalibrationSet, *,

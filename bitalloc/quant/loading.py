@@ -126,7 +126,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def model_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """``fp32``, ``bf16`` or ``fp16``; ``auto`` is bf16 on a GPU (half the memory and traffic, the
     precision models are trained and served in) and fp32 on the CPU, where 16-bit matmuls gain
-    nothing. Whatever the model runs in, Hessians, Fisher and KL sums accumulate in float32 or wider."""
+    nothing. Whatever the model runs in, Hessians accumulate in float32, Fisher and KL sums in float64."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:

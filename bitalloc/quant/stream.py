@@ -20,6 +20,9 @@ of any causal LM are the ``ModuleList`` of same-class modules that holds most pa
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import re
@@ -158,6 +161,25 @@ class BlockInputs:
         return hidden_of(block(*step.args, **step.kwargs))
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed since the last call back to the system. glibc keeps freed chunks
+    below its mmap threshold (which grows to 32 MiB as large tensors are freed) for reuse; a
+    block's weights, Hessians and quantized cells, freed after every block, then fragment the
+    heap, and the process's resident memory drifts hundreds of MiB above what it holds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class _Captured(Exception):
     """Raised by the first block's hook: the model need not run further."""
 
@@ -193,6 +215,7 @@ class StreamedModel(LoadedModel):
             yield block
         finally:
             _assign(block, {name: torch.empty_like(p, device="meta") for name, p in block.named_parameters()})
+            release_freed_memory()
 
     def block_inputs(self, batches: list[torch.Tensor]) -> list[BlockInputs]:
         """The first block's inputs for each batch of token windows (the model stops there)."""

@@ -86,8 +86,17 @@ def test_a_streamed_job_refuses_what_runs_the_whole_model(sharded, tmp_path, zoo
         run_job(spec(str(sharded), metric="kl", stream=True), profile_dir=tmp_path)
     with pytest.raises(ValueError, match="descend need"):
         run_job(spec(str(sharded), descend=2, stream=True), profile_dir=tmp_path)
-    with pytest.raises(ValueError, match="measured search with gptq need"):
-        run_job(spec(str(sharded), refine=2, method="gptq", stream=True), profile_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_streamed_gptq_job_targets_and_evaluates_as_the_whole_one(sharded, tmp_path, zoo):
+    """GPTQ's measured steps and its held-out evaluation sum the Hessians block by block."""
+    target = dict(method="gptq", budgets=Budgets(), measured_kl=2e-3, fitness_windows=2)
+    whole = run_job(spec(str(sharded), **target), profile_dir=tmp_path)
+    streamed = run_job(spec(str(sharded), stream=True, **target), profile_dir=tmp_path)
+    assert streamed.chosen.formats == whole.chosen.formats
+    assert streamed.chosen.measured == pytest.approx(whole.chosen.measured, rel=1e-3)
+    assert streamed.evaluation["kl"] == pytest.approx(whole.evaluation["kl"], rel=1e-3)
 
 
 def test_cli_profile_streams_under_a_memory_cap_and_refuses_cuda_without_it(sharded, cli, tmp_path, monkeypatch):

@@ -214,6 +214,29 @@ def test_a_streamed_model_evaluates_as_the_model_held_whole(sharded, calibration
     np.testing.assert_allclose(fewer, scored[0].window_kl[:2], rtol=1e-4)
 
 
+def test_a_streamed_gptq_point_evaluates_as_the_model_held_whole(sharded, calibration):
+    """GPTQ's Hessians summed block by block beside the scored walk (``BlockHessians``) quantize
+    each block as the whole model's calibration Hessians do."""
+    from bitalloc.quant.evaluate import Evaluator
+    from bitalloc.quant.hessian import BlockHessians, calibration_hessians
+
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    units = whole.units()
+    allocation = {u.name: ("int2_g32" if i % 2 else "int4_g32_asym") for i, u in enumerate(units.weights)}
+    windows = calibration.head(3)
+    hessians = calibration_hessians(whole.module, units, calibration)
+    scored = [Evaluator(whole, windows, batch_size=2).evaluate(allocation, method="gptq", hessians=hessians),
+              Evaluator(streamed, windows, batch_size=2).evaluate(allocation, method="gptq",
+                                                                  hessians=BlockHessians(streamed.units(), calibration))]
+    rtn = Evaluator(whole, windows, batch_size=2).evaluate(allocation)
+    assert scored[0].kl != pytest.approx(rtn.kl, rel=1e-3)  # GPTQ moved the weights: the Hessians were used
+    assert scored[1].kl == pytest.approx(scored[0].kl, rel=1e-4)
+    np.testing.assert_allclose(scored[1].window_kl, scored[0].window_kl, rtol=1e-3)
+    with pytest.raises(TypeError, match="BlockHessians"):
+        Evaluator(whole, windows).evaluate(allocation, method="gptq", hessians=BlockHessians(units, calibration))
+
+
 def test_gradients_through_a_streamed_model_are_refused_clearly(sharded, calibration):
     from bitalloc.quant.execution import logits
 
