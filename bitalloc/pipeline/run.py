@@ -69,7 +69,7 @@ def check_streamed(spec: JobSpec, why: str) -> None:
     Scoring the model forward (the evaluation, the accuracy target, the surrogate, refinement)
     streams like the profile, GPTQ's Hessians summed block by block as it goes."""
     try:
-        check_streamable(spec.metric)
+        check_streamable(spec.metric, spec.shards)
     except ValueError as exc:
         raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
     whole_model = {"descend": bool(spec.descend), "baseline": (spec.baseline or "").startswith("nncf")}

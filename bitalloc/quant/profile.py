@@ -30,6 +30,7 @@ from bitalloc.quant.llamacpp.tools import VERSION as LLAMACPP_VERSION
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.streamed import STREAMED, check_streamable
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method
 from bitalloc.quant.shards import ShardRunner, in_sequence, sharded_errors
@@ -191,7 +192,9 @@ def build_profile(
     streamed = isinstance(model, StreamedModel)
     if shards != 1 and not streamed:
         raise ValueError("shards split a profile streamed block by block: stream the model (--stream), or leave shards at 1")
-    weight_errors = sharded_errors(ctx, metric, shards, runner) if streamed else metric_fn(ctx)
+    if streamed:
+        check_streamable(metric, shards)
+    weight_errors = sharded_errors(ctx, metric, shards, runner) if streamed and metric in STREAMED else metric_fn(ctx)
     error = np.zeros((len(units), len(formats)))
     weight_rows = [i for i, u in enumerate(units.units) if u.kind == "weight"]
     error[weight_rows] = weight_errors

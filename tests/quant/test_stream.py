@@ -156,6 +156,21 @@ def test_metrics_that_need_the_whole_model_are_refused_by_name(sharded, calibrat
     model = open_streamed(sharded, str(sharded), torch.float32, CPU)
     with pytest.raises(ValueError, match="metric 'fisher' cannot run on a model streamed"):
         build_profile(model, model.units(), FORMATS, "fisher", calibration)
+    with pytest.raises(ValueError, match="metric 'kl' scores the whole model once per cell"):
+        build_profile(model, model.units(), FORMATS, "kl", calibration, shards=2)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_streamed_kl_metric_scores_each_cell_as_the_whole_model_does(sharded, calibration, method):
+    """``kl`` scores each cell through ``quant.execution``: on a streamed model, one walk of every
+    block per cell (under GPTQ, each block's Hessians summed on the way)."""
+    options = {"units": ["*.0.self_attn.q_proj", "*.1.mlp.down_proj"], "kl_tokens": 64}
+    cells = [build_profile(m, m.units(), FORMATS, "kl", calibration, method=method, options=options).error
+             for m in (load_model(str(sharded)), open_streamed(sharded, str(sharded), torch.float32, CPU))]
+    measured = ~np.isnan(cells[0])
+    assert measured.sum() == 2 * len(FORMATS) and (cells[0][measured[:, 0], 0] > 0).all()  # int2 moves the output
+    np.testing.assert_array_equal(np.isnan(cells[1]), ~measured)
+    np.testing.assert_allclose(cells[1][measured], cells[0][measured], rtol=1e-4, atol=1e-9)
 
 
 def test_the_cache_keys_a_streamed_profile_by_its_checkpoint_and_dtype(sharded, calibration, tmp_path):

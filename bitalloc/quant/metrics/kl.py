@@ -22,7 +22,9 @@ import numpy as np
 
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.evaluate import Evaluator
+from bitalloc.quant.hessian import BlockHessians
 from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.stream import StreamedModel
 
 
 def kl_windows(calibration: CalibrationSet, tokens: int | None) -> CalibrationSet:
@@ -64,7 +66,9 @@ def kl(ctx: ProfilingContext) -> np.ndarray:
     rows, columns = _chosen(ctx)
     errors = np.full((len(ctx.weight_units), len(ctx.formats)), np.nan)
     evaluator = kl_evaluator(ctx)
-    hessians = ctx.hessians if ctx.method == "gptq" else None
+    hessians = None
+    if ctx.method == "gptq":  # a streamed model's Hessians are summed block by block as each cell is scored
+        hessians = BlockHessians(ctx.units, ctx.calibration) if isinstance(ctx.model, StreamedModel) else ctx.hessians
     done, total = 0, len(rows) * len(columns)
     for i in rows:
         name = ctx.weight_units[i].name

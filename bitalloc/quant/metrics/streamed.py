@@ -23,8 +23,8 @@ reverse walk runs each block again from its input state and pulls the gradient t
 collecting its units' output gradients on the way (each block read three times: forward,
 backward, and for its Hessians and cells). The labels are drawn from ``fisher_mse``'s generator
 in the same order, so the streamed cells are the in-memory ones. The KV units' ``kv_kl`` cells
-score the model through ``quant.execution``, which streams. ``fisher`` (parameter gradients) and
-``kl`` are not streamed yet and are refused by name.
+score the model through ``quant.execution``, which streams, and so does ``kl`` (``SCORED``: one
+streamed walk per cell). ``fisher`` (parameter gradients) is not streamed yet and is refused by name.
 """
 
 from __future__ import annotations
@@ -77,12 +77,21 @@ class StreamedMetric:
     fill: Callable[[ProfilingContext, Shared], np.ndarray]
 
 
-def check_streamable(metric: str) -> None:
-    """Refuse a metric that a streamed profile cannot measure yet (the KV units' ``kv_kl`` streams:
-    it scores the model through ``quant.execution``)."""
-    if metric not in STREAMED:
+SCORED = ("kl",)
+"""Metrics that score the model's output through ``quant.execution`` cell by cell, so they run on a
+streamed model as they are (each cell one walk of every block), never split into shards; the KV
+units' ``kv_kl`` is one of these too."""
+
+
+def check_streamable(metric: str, shards: int = 1) -> None:
+    """Refuse a metric that a streamed profile cannot measure yet, or cannot split into shards."""
+    if metric in SCORED and shards != 1:
+        raise ValueError(f"metric {metric!r} scores the whole model once per cell, which block-range shards "
+                         "cannot split: leave shards at 1")
+    if metric not in STREAMED and metric not in SCORED:
         raise ValueError(f"metric {metric!r} cannot run on a model streamed block by block yet (streamed: "
-                         f"{', '.join(STREAMED)}); give a --max-memory the weights fit in, or one of those metrics")
+                         f"{', '.join((*STREAMED, *SCORED))}); give a --max-memory the weights fit in, or one of "
+                         "those metrics")
 
 
 def streamed_metric(ctx: ProfilingContext, metric: str) -> StreamedMetric:
