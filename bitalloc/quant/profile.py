@@ -30,7 +30,7 @@ from bitalloc.quant.llamacpp.tools import VERSION as LLAMACPP_VERSION
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.metrics import get_metric
 from bitalloc.quant.metrics.context import ProfilingContext
-from bitalloc.quant.metrics.streamed import STREAMED, check_streamable
+from bitalloc.quant.metrics.streamed import WALKED, check_streamable
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method
 from bitalloc.quant.shards import ShardRunner, in_sequence, sharded_errors
@@ -192,9 +192,13 @@ def build_profile(
     streamed = isinstance(model, StreamedModel)
     if shards != 1 and not streamed:
         raise ValueError("shards split a profile streamed block by block: stream the model (--stream), or leave shards at 1")
-    if streamed:
+    if not streamed:
+        weight_errors = metric_fn(ctx)
+    elif metric in WALKED:
         check_streamable(metric, shards)
-    weight_errors = sharded_errors(ctx, metric, shards, runner) if streamed and metric in STREAMED else metric_fn(ctx)
+        weight_errors = WALKED[metric](ctx)
+    else:
+        weight_errors = sharded_errors(ctx, metric, shards, runner)
     error = np.zeros((len(units), len(formats)))
     weight_rows = [i for i, u in enumerate(units.units) if u.kind == "weight"]
     error[weight_rows] = weight_errors

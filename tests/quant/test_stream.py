@@ -152,12 +152,25 @@ def test_load_within_streams_only_what_does_not_fit(sharded):
         load_within("factory:tiny-llama", LoadPolicy(), dtype=torch.float32, device=CPU, stream=True)
 
 
-def test_metrics_that_need_the_whole_model_are_refused_by_name(sharded, calibration):
+def test_a_metric_without_a_streamed_form_is_refused_by_name(sharded, calibration, monkeypatch):
+    from bitalloc.quant.metrics import METRICS
+
+    monkeypatch.setitem(METRICS, "novel", METRICS["output_mse"])
     model = open_streamed(sharded, str(sharded), torch.float32, CPU)
-    with pytest.raises(ValueError, match="metric 'fisher' cannot run on a model streamed"):
-        build_profile(model, model.units(), FORMATS, "fisher", calibration)
-    with pytest.raises(ValueError, match="metric 'kl' scores the whole model once per cell"):
-        build_profile(model, model.units(), FORMATS, "kl", calibration, shards=2)
+    with pytest.raises(ValueError, match="metric 'novel' cannot run on a model streamed"):
+        build_profile(model, model.units(), FORMATS, "novel", calibration)
+    for metric in ("kl", "fisher"):
+        with pytest.raises(ValueError, match=f"metric '{metric}' walks the whole model"):
+            build_profile(model, model.units(), FORMATS, metric, calibration, shards=2)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_streamed_empirical_fisher_equals_the_whole_model_s(sharded, calibration, method):
+    """``fisher``: each window's weight gradients, squared while their block is read in the reverse walk."""
+    cells = [build_profile(m, m.units(), FORMATS, "fisher", calibration, method=method).error
+             for m in (load_model(str(sharded)), open_streamed(sharded, str(sharded), torch.float32, CPU))]
+    assert (cells[0][:, 0] > 0).all()
+    np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

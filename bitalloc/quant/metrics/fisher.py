@@ -37,7 +37,11 @@ def fisher_diagonals(ctx: ProfilingContext) -> list[torch.Tensor]:
 
 
 def fisher(ctx: ProfilingContext) -> np.ndarray:
-    diagonals = fisher_diagonals(ctx)
+    return diagonal_errors(ctx, fisher_diagonals(ctx))
+
+
+def diagonal_errors(ctx: ProfilingContext, diagonals: list[torch.Tensor]) -> np.ndarray:
+    """Each weight unit's cells, ``sum F (Q(W) - W)^2``, from its ``F`` in the ``[N, K]`` view."""
     units = ctx.weight_units
     errors = np.zeros((len(units), len(ctx.formats)))
     for i, unit in enumerate(units):

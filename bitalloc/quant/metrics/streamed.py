@@ -23,8 +23,11 @@ reverse walk runs each block again from its input state and pulls the gradient t
 collecting its units' output gradients on the way (each block read three times: forward,
 backward, and for its Hessians and cells). The labels are drawn from ``fisher_mse``'s generator
 in the same order, so the streamed cells are the in-memory ones. The KV units' ``kv_kl`` cells
-score the model through ``quant.execution``, which streams, and so does ``kl`` (``SCORED``: one
-streamed walk per cell). ``fisher`` (parameter gradients) is not streamed yet and is refused by name.
+score the model through ``quant.execution``, which streams, and so does ``kl``: one streamed walk
+per cell. ``fisher`` (the empirical Fisher's diagonal) walks forward keeping each window's
+boundary states, then backward once in reverse, squaring each window's weight gradients while
+the block is read and filling its units' cells there. Those two are ``WALKED``: block ranges
+cannot split them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitalloc.quant.hessian import HessianSums
 from bitalloc.quant.metrics.context import ProfilingContext
+from bitalloc.quant.metrics.fisher import diagonal_errors
 from bitalloc.quant.metrics.fisher_mse import (
     channel_squares,
     fisher_batches,
@@ -56,7 +60,8 @@ from bitalloc.quant.metrics.hessian_trace import (
     rademacher,
     trace_errors,
 )
-from bitalloc.quant.metrics.loss import next_token_loss
+from bitalloc.quant.metrics.kl import kl
+from bitalloc.quant.metrics.loss import as_matrix, differentiable, next_token_loss
 from bitalloc.quant.metrics.output_mse import output_mse
 from bitalloc.quant.stream import BlockInputs, StreamedModel, hidden_of
 from bitalloc.quant.units import Unit, UnitSet
@@ -77,20 +82,14 @@ class StreamedMetric:
     fill: Callable[[ProfilingContext, Shared], np.ndarray]
 
 
-SCORED = ("kl",)
-"""Metrics that score the model's output through ``quant.execution`` cell by cell, so they run on a
-streamed model as they are (each cell one walk of every block), never split into shards; the KV
-units' ``kv_kl`` is one of these too."""
-
-
 def check_streamable(metric: str, shards: int = 1) -> None:
     """Refuse a metric that a streamed profile cannot measure yet, or cannot split into shards."""
-    if metric in SCORED and shards != 1:
-        raise ValueError(f"metric {metric!r} scores the whole model once per cell, which block-range shards "
+    if metric in WALKED and shards != 1:
+        raise ValueError(f"metric {metric!r} walks the whole model for its cells, which block-range shards "
                          "cannot split: leave shards at 1")
-    if metric not in STREAMED and metric not in SCORED:
+    if metric not in STREAMED and metric not in WALKED:
         raise ValueError(f"metric {metric!r} cannot run on a model streamed block by block yet (streamed: "
-                         f"{', '.join((*STREAMED, *SCORED))}); give a --max-memory the weights fit in, or one of "
+                         f"{', '.join((*STREAMED, *WALKED))}); give a --max-memory the weights fit in, or one of "
                          "those metrics")
 
 
@@ -314,3 +313,64 @@ def _by_block(model: StreamedModel, units: list[Unit]) -> list[list[Unit]]:
                              "profile measures the blocks' units only: exclude it")
         members[index].append(unit)
     return members
+
+
+def streamed_fisher(ctx: ProfilingContext) -> np.ndarray:
+    """``fisher`` of a streamed model: one window at a time (a window is one example), forward block
+    by block keeping the boundary states, the next-token loss's gradient at the head, then backward
+    in reverse, each block run again from its input state so that one ``autograd.grad`` gives its
+    units' weight gradients (squared and summed over the windows) and the gradient handed below.
+    A block's cells are filled while it is read, from its ``F`` and its Hessians (GPTQ's), summed
+    over the calibration batches as the whole model sums them."""
+    model, index, members = _gradient_layout(ctx)
+    if not ctx.calibration.tokens:
+        raise ValueError(f"{ctx.model.spec}: gradient metrics need a language model and token windows")
+    windows = [window[None].to(model.device) for window in ctx.calibration.inputs]
+    inputs = model.block_inputs(windows)
+    batched = model.block_inputs(ctx.batches())  # the Hessians' passes, batched as the whole model's
+    states = [[step.hidden for step in inputs]]
+    steps = 2 * len(members) + 1
+    for i in range(len(members)):
+        with model.materialized(i) as block, torch.no_grad():
+            states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
+        ctx.progress(i + 1, steps, "fisher (streamed)")
+
+    grads = []
+    for window, hidden in zip(windows, states[-1]):
+        hidden = hidden.detach().requires_grad_()
+        with model.bypassed(hidden), torch.enable_grad():
+            grads.append(torch.autograd.grad(next_token_loss(model.module, window), hidden)[0])
+    ctx.progress(len(members) + 1, steps, "fisher (streamed)")
+
+    errors = np.zeros((len(ctx.weight_units), len(ctx.formats)))
+    for i in reversed(range(len(members))):
+        units = members[i]
+        names = {u.name for u in units}
+        groups = [g for g in ctx.units.tie_groups if g[0] in names]
+        with model.materialized(i) as block:
+            weights = [ctx.modules[u.name].weight for u in units]
+            squares = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+            with HessianSums(ctx.modules, units, groups) as sums, torch.no_grad():
+                for k, step in enumerate(batched):
+                    step.run(block, torch.cat(states[i][k * ctx.batch_size:(k + 1) * ctx.batch_size]))
+            with differentiable(weights):
+                for b, step in enumerate(inputs):
+                    hidden = states[i][b].detach().requires_grad_()
+                    found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights], grad_outputs=grads[b],
+                                                allow_unused=True)
+                    grads[b] = found[0]
+                    for square, grad in zip(squares, found[1:]):
+                        if grad is not None:
+                            square += grad.float() ** 2
+            diagonals = [as_matrix(ctx.modules[u.name], f / len(windows)) for u, f in zip(units, squares)]
+            cells = diagonal_errors(ctx.narrowed(UnitSet(units, groups), sums.result()), diagonals)
+            errors[[index[u.name] for u in units]] = cells
+        del states[i + 1]
+        ctx.progress(steps - i, steps, "fisher (streamed)")
+    return errors
+
+
+WALKED: dict[str, Callable[[ProfilingContext], np.ndarray]] = {"kl": kl, "fisher": streamed_fisher}
+"""The metrics whose cells come from walks of the whole streamed model, which block-range shards
+cannot split: ``kl`` scores each cell through ``quant.execution`` (one walk per cell), ``fisher``
+fills each block's cells during one reverse walk."""
