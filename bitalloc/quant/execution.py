@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bitalloc.quant.device import module_device
-from bitalloc.quant.hessian import BlockHessians, Hessians, HessianSums
+from bitalloc.quant.hessian import BlockHessians, Hessians, HessianWalk
 from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.quantizers import Method
@@ -71,7 +71,7 @@ def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation:
         raise ValueError("gradients cannot flow through a model streamed block by block yet (descent needs them): "
                          "give a --max-memory the weights fit in")
     prefixes = [model.block_prefix(index) for index in range(len(model.blocks))]
-    beside = _CalibrationWalk(model, hessians) if isinstance(hessians, BlockHessians) else None
+    beside = HessianWalk(model, hessians) if isinstance(hessians, BlockHessians) else None
 
     def of_block(index: int) -> dict[str, str]:
         return {name: fmt for name, fmt in allocation.items() if name.startswith(prefixes[index])}
@@ -95,25 +95,3 @@ def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation:
             out = model_logits(model.module, batch)
         yield out
 
-
-class _CalibrationWalk:
-    """The calibration batches walked beside a streamed scoring walk, through the unquantized
-    blocks: ``step`` runs them through the block just read and returns its units' Hessians."""
-
-    def __init__(self, model: StreamedModel, source: BlockHessians) -> None:
-        self.model, self.source = model, source
-        self.modules = dict(model.module.named_modules())
-        self.inputs = model.block_inputs(source.calibration.batches(source.batch_size))
-        self.members: dict[int, list] = {}
-        for unit in source.units.weights:
-            index = next((i for i in range(len(model.blocks)) if unit.name.startswith(model.block_prefix(i))), None)
-            if index is not None:
-                self.members.setdefault(index, []).append(unit)
-
-    def step(self, index: int, block: nn.Module) -> Hessians:
-        units = self.members.get(index, [])
-        names = {u.name for u in units}
-        groups = [g for g in self.source.units.tie_groups if g[0] in names]
-        with HessianSums(self.modules, units, groups) as sums, torch.no_grad():
-            self.inputs = [step.with_hidden(step.run(block)) for step in self.inputs]
-        return Hessians(sums.result(), self.source.calibration.samples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from bitalloc.quant.device import module_device, to_device
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.quantizers import importance_matrix
 from bitalloc.quant.units import Unit, UnitSet, is_transposed_conv1d
+
+if TYPE_CHECKING:
+    from bitalloc.quant.stream import StreamedModel
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +137,31 @@ class BlockHessians:
     units: UnitSet
     calibration: CalibrationSet
     batch_size: int = 4
+
+
+class HessianWalk:
+    """``BlockHessians``' calibration batches walked through a streamed model's unquantized blocks,
+    one block at a time, beside whatever else reads them: ``step`` runs the batches through the
+    block just read and returns its units' Hessians."""
+
+    def __init__(self, model: StreamedModel, source: BlockHessians) -> None:
+        self.source = source
+        self.modules = dict(model.module.named_modules())
+        self.inputs = model.block_inputs(source.calibration.batches(source.batch_size))
+        self.members: dict[int, list[Unit]] = {}
+        prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
+        for unit in source.units.weights:
+            index = next((i for i, prefix in enumerate(prefixes) if unit.name.startswith(prefix)), None)
+            if index is not None:
+                self.members.setdefault(index, []).append(unit)
+
+    def step(self, index: int, block: nn.Module) -> Hessians:
+        units = self.members.get(index, [])
+        names = {u.name for u in units}
+        groups = [g for g in self.source.units.tie_groups if g[0] in names]
+        with HessianSums(self.modules, units, groups) as sums, torch.no_grad():
+            self.inputs = [step.with_hidden(step.run(block)) for step in self.inputs]
+        return Hessians(sums.result(), self.source.calibration.samples)
 
 
 def calibration_hessians(model: nn.Module, units: UnitSet, calibration: CalibrationSet, *,

@@ -27,9 +27,10 @@ from bitalloc.pipeline.inputs import check_inputs
 from bitalloc.pipeline.spec import JobSpec
 from bitalloc.quant.calibration import calibration_for
 from bitalloc.quant.device import resolve_device
-from bitalloc.quant.loading import LoadPolicy, load_model, model_dtype
+from bitalloc.quant.loading import LoadPolicy, model_dtype
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.quantizers import Method
+from bitalloc.quant.stream import load_within
 from bitalloc.quant.targets import BuildRequest, build_target
 from bitalloc.service import jobs
 from bitalloc.service.models import LIVE_BUILD_STATES, ArtifactRecord, BuildRecord, JobRecord, PointRecord
@@ -133,11 +134,13 @@ class Packed:
 
 
 def run(build: BuildInputs, storage: BlobStore, workdir: Path, policy: LoadPolicy, progress: ProgressFn) -> Packed:
-    """Build the target, pack and store it. GPTQ fits on the parent job's own calibration set."""
+    """Build the target, pack and store it. GPTQ fits on the parent job's own calibration set. The
+    model is streamed block by block when the job's was (``max_memory``, ``stream``)."""
     check_inputs(build.spec, policy)
     progress(0, 1, "load")
     device = resolve_device(build.spec.device)
-    model = load_model(build.spec.model, policy, model_dtype(build.spec.dtype, device), device)
+    model = load_within(build.spec.model, policy, dtype=model_dtype(build.spec.dtype, device), device=device,
+                        max_memory=build.spec.max_memory, stream=build.spec.stream)
     calibration = None
     if build.method == "gptq":
         spec = build.spec

@@ -364,3 +364,24 @@ def test_a_streamed_profile_measures_the_kv_units_as_the_whole_model_does(sharde
     # int8 caches move this random model's KL by 1e-7 or less, where fp32 rounding is of the same size
     np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(cells[1][:, 0], cells[0][:, 0], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_streamed_build_writes_the_whole_model_s_artifact_block_by_block(sharded, calibration, method, tmp_path):
+    """The bitalloc target of a streamed model: one weights file per block (GPTQ's Hessians summed
+    from the calibration walking through the unquantized blocks), the same tensors byte for byte."""
+    from bitalloc.quant.artifact import build_artifact, load_artifact
+
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    allocation = {u.name: ("int3_g32", "int4_g64_asym", "fp8_e4m3")[i % 3] for i, u in enumerate(whole.units().weights)}
+    gptq = {"calibration": calibration} if method == "gptq" else {}
+    built = [build_artifact(model, allocation, tmp_path / name, method=method, **gptq)
+             for model, name in ((whole, "whole"), (streamed, "streamed"))]
+    assert built[1].manifest["weights"] == [f"weights-{i:05d}.safetensors" for i in range(1 + len(streamed.blocks))]
+    sums = [{name: t["sha256"] for name, t in artifact.manifest["tensors"].items()} for artifact in built]
+    assert sums[1] == sums[0]
+    assert built[1].manifest["bytes"] == built[0].manifest["bytes"]
+    tokens = calibration.inputs[:2]
+    logits = [load_artifact(artifact.path).module(tokens).logits.detach() for artifact in built]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)

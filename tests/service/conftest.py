@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -95,3 +96,12 @@ def queued_settings(tmp_path, pg_url, redis_url, queue_name) -> Settings:
     """Scaled out: PostgreSQL + RQ on Redis."""
     return Settings(data_dir=tmp_path / "data", database_url=pg_url, redis_url=redis_url, queue_name=queue_name,
                     heartbeat_seconds=0.3, lease_seconds=30, reaper_seconds=3600)
+
+
+@pytest.fixture(scope="session")
+def model_root(tiny_llama, tmp_path_factory) -> Path:
+    """A model root holding the tiny random Llama as safetensors shards (``tiny``: a streamable folder)."""
+    root = tmp_path_factory.mktemp("models")
+    tiny_llama.module.save_pretrained(root / "tiny", max_shard_size="100KB")
+    tiny_llama.tokenizer.save_pretrained(root / "tiny")
+    return root

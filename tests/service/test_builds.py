@@ -283,3 +283,25 @@ def test_a_point_builds_as_a_compressed_tensors_checkpoint_transformers_loads(em
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model(torch.arange(1, 9)[None]).logits.isfinite().all()
+
+
+def test_a_streamed_job_s_point_builds_block_by_block_and_whole_model_targets_say_why_not(
+        embedded_settings, model_root, tmp_path):
+    from bitalloc.quant.artifact import load_artifact
+
+    settings = embedded_settings.model_copy(update={"model_roots": [model_root]})
+    with running_app(settings) as (client, ctx):
+        owner = bearer(ctx, "owner")
+        body = job_body(model=str(model_root / "tiny"), stream=True, formats=["int4_g32", "int8_g32"])
+        job_id = client.post("/v1/jobs", json=body, headers=owner).json()["id"]
+        wait_until_finished(client, owner, job_id)
+        point = chosen_point(client, owner, job_id)
+        url = f"/v1/jobs/{job_id}/points/{point['id']}/artifact"
+        built = wait_for_build(client, owner, client.post(url, json={"method": "gptq"}, headers=owner).json()["id"])
+        folder = download_tar(client, owner, built, tmp_path / "streamed")
+        manifest = json.loads((folder / "bitalloc_artifact.json").read_text())
+        assert len(manifest["weights"]) == 3  # what lies outside the blocks, then each of the 2 blocks
+        assert load_artifact(folder).module(torch.arange(1, 9)[None]).logits.isfinite().all()
+        refused = wait_for_build(client, owner, client.post(url, json={"target": "compressed-tensors"},
+                                                            headers=owner).json()["id"])
+        assert refused["state"] == "failed" and "needs the model held whole" in refused["error"]

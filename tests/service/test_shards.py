@@ -29,15 +29,6 @@ from bitalloc.service.models import JobLogRecord, JobRecord, ProfileRecord, Shar
 from bitalloc.service.schemas import JobCreate
 
 
-@pytest.fixture(scope="module")
-def model_root(tiny_llama, tmp_path_factory) -> Path:
-    """A root holding the tiny random Llama as safetensors shards (a streamable folder)."""
-    root = tmp_path_factory.mktemp("models")
-    tiny_llama.module.save_pretrained(root / "tiny", max_shard_size="100KB")
-    tiny_llama.tokenizer.save_pretrained(root / "tiny")
-    return root
-
-
 def sharded_body(folder: Path, **overrides) -> dict:
     return job_body(**{"model": str(folder), "stream": True, "shards": 2, "calibration": {"seq_len": 32, "samples": 8},
                        **overrides})

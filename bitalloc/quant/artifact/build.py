@@ -34,10 +34,11 @@ from bitalloc.quant.artifact.storage import encode, runs_as, storage_of
 from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.formats import Format, GgmlFormat, get_format
-from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.hessian import BlockHessians, HessianWalk, calibration_hessians
 from bitalloc.quant.loading import MODULE_MANIFEST, LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import METHODS, Method, uses_gptq
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import enumerate_units, is_quantizable, kv_units, weight_matrix
 
 
@@ -63,34 +64,82 @@ def build_artifact(
     units, kv_cache = resolve_units(model, allocation)
     source = _model_record(model)
     rest, tied = unquantized_tensors(model.module, {f"{name}.weight" for name in units})
-    hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
+    streamed = isinstance(model, StreamedModel)
+    if not streamed:
+        hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
+    parts = (_streamed_parts(model, units, rest, method, calibration, progress) if streamed
+             else [_part(units, rest, method, hessians, progress)])
 
+    records: dict[str, dict] = {}
+    tensors: dict[str, dict] = {}
+    rest_bytes = 0
+    with staged_folder(out) as staging:
+        files = []
+        for index, (part, part_records, part_rest) in enumerate(parts):
+            files.append(WEIGHTS if not streamed else f"weights-{index:05d}.safetensors")
+            save_file(part, staging / files[-1], metadata={"layout": LAYOUT})
+            tensors.update({name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t),
+                                   "file": files[-1]} for name, t in part.items()})
+            records.update(part_records)
+            rest_bytes += part_rest
+        unit_bytes = sum(record["bytes"] for record in records.values())
+        manifest = {
+            "layout": LAYOUT,
+            "bitalloc_version": importlib.metadata.version("bitalloc"),
+            "model": source,
+            "method": method,
+            "calibration": calibration.describe() if method == "gptq" else None,
+            "allocation": {**{name: fmt.name for name, (_, fmt) in units.items()}, **kv_cache},
+            "units": records,
+            "weights": files,
+            "tensors": dict(sorted(tensors.items())),
+            "tied": tied,
+            "bytes": {"predicted": unit_bytes + rest_bytes, "units": unit_bytes, "unquantized": rest_bytes},
+        }
+        _write_beside(staging, model, manifest)
+    return Artifact(out, manifest)
+
+
+Part = tuple[dict[str, torch.Tensor], dict[str, dict], int]
+"""One weights file's tensors, the records of the units it holds, and its unquantized bytes."""
+
+
+def _part(units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tensor], method: Method,
+          hessians: Mapping[str, torch.Tensor], progress: ProgressFn, done: int = 0, total: int | None = None) -> Part:
+    """``units`` quantized and packed, with the unquantized tensors ``rest``."""
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
-    for done, (name, (module, fmt)) in enumerate(units.items(), 1):
+    for count, (name, (module, fmt)) in enumerate(units.items(), done + 1):
         stored = encode(weight_matrix(module).detach(), fmt, method, hessians.get(name))
         tensors.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
         records[name] = _unit_record(fmt, module, method, [f"{name}.{suffix}" for suffix in stored])
-        progress(done, len(units), "quantize")
-    tensors = {name: t.detach().cpu().contiguous() for name, t in {**tensors, **rest}.items()}
+        progress(count, total or len(units), "quantize")
+    part = {name: t.detach().cpu().contiguous() for name, t in {**tensors, **rest}.items()}
+    return part, records, sum(t.numel() * t.element_size() for t in rest.values())
 
-    unit_bytes = sum(record["bytes"] for record in records.values())
-    rest_bytes = sum(t.numel() * t.element_size() for t in rest.values())
-    manifest = {
-        "layout": LAYOUT,
-        "bitalloc_version": importlib.metadata.version("bitalloc"),
-        "model": source,
-        "method": method,
-        "calibration": calibration.describe() if method == "gptq" else None,
-        "allocation": {**{name: fmt.name for name, (_, fmt) in units.items()}, **kv_cache},
-        "units": records,
-        "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t)}
-                    for name, t in sorted(tensors.items())},
-        "tied": tied,
-        "bytes": {"predicted": unit_bytes + rest_bytes, "units": unit_bytes, "unquantized": rest_bytes},
-    }
-    _write(out, tensors, model, manifest)
-    return Artifact(out, manifest)
+
+def _streamed_parts(model: StreamedModel, units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tensor],
+                    method: Method, calibration: CalibrationSet | None, progress: ProgressFn) -> Iterator[Part]:
+    """A streamed model's weights file by file: what lies outside the blocks first, then each block
+    read from the checkpoint, its units quantized (GPTQ's Hessians summed from the calibration
+    batches walking through the unquantized blocks) and written before the next is read."""
+    prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
+    outside_units = {n: u for n, u in units.items() if not n.startswith(tuple(prefixes))}
+    yield _part(outside_units, {n: t for n, t in rest.items() if not n.startswith(tuple(prefixes))}, method, {},
+                progress, 0, len(units))
+    gptq = [n for n, (_, fmt) in units.items() if uses_gptq(fmt, method)]
+    walk = None
+    if gptq and calibration is not None:
+        unit_set = model.units()
+        walk = HessianWalk(model, BlockHessians(unit_set, calibration))
+    done = len(outside_units)
+    for index, prefix in enumerate(prefixes):
+        with model.materialized(index) as block:
+            hessians = walk.step(index, block) if walk is not None else {}
+            block_units = {n: u for n, u in units.items() if n.startswith(prefix)}
+            block_rest = {f"{prefix}{n}": t for n, t in block.state_dict(keep_vars=True).items() if f"{prefix}{n}" in rest}
+            yield _part(block_units, block_rest, method, hessians, progress, done, len(units))
+            done += len(block_units)
 
 
 def check_build(method: Method, calibration: CalibrationSet | None, out: Path | str, overwrite: bool) -> Path:
@@ -201,14 +250,13 @@ def _module_dir(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel, manifest: dict) -> None:
-    with staged_folder(out) as staging:
-        save_file(tensors, staging / WEIGHTS, metadata={"layout": LAYOUT})
-        if manifest["model"]["kind"] == "transformers":
-            save_model_files(model, staging)
-        manifest["files"] = {p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                             for p in sorted(staging.rglob("*")) if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+def _write_beside(staging: Path, model: LoadedModel, manifest: dict) -> None:
+    """The model's own files beside the weights, then the manifest naming every file's sha256."""
+    if manifest["model"]["kind"] == "transformers":
+        save_model_files(model, staging)
+    manifest["files"] = {p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                         for p in sorted(staging.rglob("*")) if p.is_file()}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 @contextlib.contextmanager

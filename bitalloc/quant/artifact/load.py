@@ -61,21 +61,25 @@ def _verified_tensors(artifact: Artifact) -> dict[str, torch.Tensor]:
         if file.stat().st_size != expected["bytes"]:
             raise ArtifactError(f"{file}: {file.stat().st_size} bytes where the manifest says {expected['bytes']}; "
                                 "the file is truncated or altered, so the artifact is refused")
-    weights = artifact.path / WEIGHTS
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{weights}: not readable as safetensors ({exc}); the artifact is corrupt") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    for file in artifact.weights:
+        weights = artifact.path / file
+        try:
+            tensors.update(load_file(weights))
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{weights}: not readable as safetensors ({exc}); the artifact is corrupt") from exc
     expected_tensors = artifact.manifest["tensors"]
     if set(tensors) != set(expected_tensors):
         odd = sorted(set(tensors) ^ set(expected_tensors))
-        raise ArtifactError(f"{weights}: its tensors differ from the manifest's (e.g. {odd[:3]}); the artifact is corrupt")
+        raise ArtifactError(f"{artifact.path}: the weights' tensors differ from the manifest's (e.g. {odd[:3]}); "
+                            "the artifact is corrupt")
     for name, expected in expected_tensors.items():
         tensor = tensors[name]
         found = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "sha256": tensor_sha256(tensor)}
-        if found != expected:
-            raise ArtifactError(f"{weights}: tensor {name!r} does not match the manifest "
-                                f"({', '.join(k for k in found if found[k] != expected[k])} differ); the artifact is corrupt")
+        if any(found[key] != expected[key] for key in found):
+            raise ArtifactError(f"{artifact.path / expected.get('file', WEIGHTS)}: tensor {name!r} does not match the "
+                                f"manifest ({', '.join(k for k in found if found[k] != expected[k])} differ); the "
+                                "artifact is corrupt")
     for name, expected in files.items():
         if file_sha256(artifact.path / name) != expected["sha256"]:
             raise ArtifactError(f"{artifact.path / name}: sha256 differs from the manifest's; the artifact is corrupt")

@@ -17,7 +17,10 @@ import torch
 
 MANIFEST = "bitalloc_artifact.json"
 WEIGHTS = "weights.safetensors"
-LAYOUT = "bitalloc-artifact/1"
+LAYOUT = "bitalloc-artifact/2"
+READABLE = ("bitalloc-artifact/1", LAYOUT)
+"""/1 keeps every tensor in ``WEIGHTS``; /2 names its weights files (``weights``: one, or one per
+block when the model was streamed) and each tensor's file."""
 
 
 class ArtifactError(ValueError):
@@ -54,10 +57,15 @@ class Artifact:
             manifest = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{file}: not valid JSON ({exc}); the artifact is corrupt") from exc
-        if not isinstance(manifest, dict) or manifest.get("layout") != LAYOUT:
+        if not isinstance(manifest, dict) or manifest.get("layout") not in READABLE:
             found = manifest.get("layout") if isinstance(manifest, dict) else None
-            raise ArtifactError(f"{file}: layout {found!r} is not {LAYOUT!r}, the one this bitalloc reads")
+            raise ArtifactError(f"{file}: layout {found!r} is not one this bitalloc reads ({', '.join(READABLE)})")
         return cls(path, manifest)
+
+    @property
+    def weights(self) -> list[str]:
+        """The files holding the tensors."""
+        return list(self.manifest.get("weights", [WEIGHTS]))
 
     @property
     def allocation(self) -> dict[str, str]:
