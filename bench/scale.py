@@ -10,8 +10,8 @@ memory cap, and of a held-out evaluation of one allocation streamed the same way
 * **Runs.** Each model is profiled streamed (in fp32 on the CPU) in a fresh process (``--run``),
   then the profile's exact optimum at ``--avg-bits`` is scored on ``--eval-windows`` held-out
   windows (KL from the unquantized model, both streamed); the process reports its wall times and
-  peak RSS (``VmHWM``: the process doing the work, nothing else), and whether that peak stayed
-  under ``--max-memory``.
+  peak RSS (``VmHWM``: the process doing the work, nothing else) of the profile and, reset in
+  between, of the evaluation, and whether each stayed under ``--max-memory``.
 * **Output.** A table, and ``bench/results/scale.json``.
 
     python -m bench.scale [--sizes 0.1B,0.4B,1B] [--depths 1] [--max-memory 2GiB] [--windows 2] [--seq-len 256]
@@ -114,6 +114,12 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
 
 
+def reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current resident set (Linux: ``clear_refs`` mode 5), so the
+    evaluation's peak is told apart from the profile's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def run(folder: Path, args: argparse.Namespace) -> dict:
     """Profile ``folder`` streamed in this process and score one point of it; what the parent records."""
     from bitalloc.pipeline.problem import problem_of
@@ -133,17 +139,22 @@ def run(folder: Path, args: argparse.Namespace) -> dict:
     calibration = calibration_for(model, None, seq_len=args.seq_len, count=args.windows)
     profile = build_profile(model, units, parse_formats(args.formats), args.metric, calibration, shards=args.shards)
     profiled = time.perf_counter()
+    profile_peak = peak_rss()
+    reset_peak_rss()
     evaluation = None
     if args.eval_windows:
         chosen = solve(problem_of(profile), Budgets(max_avg_bits=args.avg_bits))
         windows = evaluation_tokens(model.tokenizer, "zoo:evaluation", seq_len=args.seq_len, max_windows=args.eval_windows)
         evaluation = Evaluator(model, windows, batch_size=2, cache_bytes=0).evaluate(chosen.formats, units=units)
-    peak = peak_rss()
+    eval_peak = peak_rss() if evaluation is not None else None
+    cap = parse_bytes(args.max_memory)
     return {"streamed": isinstance(model, StreamedModel), "units": len(units), "cells": int(profile.error.size),
             "seconds": round(profiled - start, 1), "eval_seconds": round(time.perf_counter() - profiled, 1),
             "eval_kl": None if evaluation is None else evaluation.kl,
             "eval_avg_bits": None if evaluation is None else evaluation.avg_bits,
-            "peak_rss_mib": round(peak / 2**20, 1), "under_cap": peak <= parse_bytes(args.max_memory)}
+            "peak_rss_mib": round(profile_peak / 2**20, 1), "under_cap": profile_peak <= cap,
+            "eval_peak_rss_mib": None if eval_peak is None else round(eval_peak / 2**20, 1),
+            "eval_under_cap": None if eval_peak is None else eval_peak <= cap}
 
 
 def main() -> None:
@@ -199,13 +210,14 @@ def main() -> None:
     print(f"\nstreamed {args.metric} profile (and a {args.eval_windows}-window evaluation) under --max-memory {args.max_memory}, {args.windows}x{args.seq_len} tokens, "
           f"{len(record['formats'])} formats, {args.threads} thread(s)")
     print(f"{'size':<6}{'params':>14}{'fp32 MiB':>10}{'x cap':>7}{'layers':>8}{'seconds':>10}{'s/Gparam':>10}"
-          f"{'eval s':>8}{'peak RSS MiB':>14}{'under cap':>11}")
+          f"{'peak RSS MiB':>14}{'under cap':>11}{'eval s':>8}{'eval peak MiB':>15}")
     cap = parse_bytes(args.max_memory)
     for row in rows:
         per = f"{row['seconds'] / row['params'] * 1e9:.0f}" if "seconds" in row else "-"
         print(f"{row['size']:<6}{row['params']:>14,}{row['params'] * 4 // 2**20:>10}{row['params'] * 4 / cap:>7.2f}"
-              f"{row['layers']:>8}{row.get('seconds', '-'):>10}{per:>10}{row.get('eval_seconds', '-'):>8}"
-              f"{row.get('peak_rss_mib', row.get('failed', '-')):>14}{str(row.get('under_cap', '-')):>11}")
+              f"{row['layers']:>8}{row.get('seconds', '-'):>10}{per:>10}"
+              f"{row.get('peak_rss_mib', row.get('failed', '-')):>14}{str(row.get('under_cap', '-')):>11}"
+              f"{row.get('eval_seconds', '-'):>8}{str(row.get('eval_peak_rss_mib', '-')):>15}")
 
 
 if __name__ == "__main__":
