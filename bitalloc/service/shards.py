@@ -5,7 +5,8 @@ shard's inputs (the metric's shared quantities and the hidden states entering th
 the blob store and makes one job of kind ``shard`` per block range (a ``ShardRecord`` says
 which), puts each on the queue, and then works through them
 itself: it claims a queued shard like any worker and measures it on the context it already
-holds, and when none is left to claim it waits for the ones other workers run. A shard whose
+holds (after its first, only shards no other worker took within ``HAND_OFF_SECONDS``), and
+when none is left to claim it waits for the ones other workers run. A shard whose
 worker dies is retried by the reaper like any job (or claimed by the parent once it is queued
 again); a shard that fails for good fails the parent. The rows come back through the blob
 store, and ``quant.shards.merge`` refuses a missing or repeated shard.
@@ -32,9 +33,13 @@ from bitalloc.quant.shards import Inputs, Measure, Shard, ShardRows, decode_rows
 from bitalloc.service import jobs
 from bitalloc.service.context import Context
 from bitalloc.service.db import transaction
-from bitalloc.service.models import FINISHED_STATES, JobRecord, ShardRecord
+from bitalloc.service.models import FINISHED_STATES, JobRecord, ShardRecord, utcnow
 
 POLL_SECONDS = 0.5
+HAND_OFF_SECONDS = 3.0
+"""How long a queued shard is left to other workers before the parent measures it too: the parent
+takes its first shard at once (the last of the plan, as the queue hands out the first ones), and
+the rest only once no other worker has taken them for this long."""
 
 
 class ShardFailed(Exception):
@@ -116,6 +121,7 @@ class WorkerShards:
 
     def __init__(self, ctx: Context, parent_id: uuid.UUID, progress: ProgressFn, run_here: RunHere) -> None:
         self.ctx, self.parent_id, self.progress, self.run_here = ctx, parent_id, progress, run_here
+        self.ran = 0  # shards measured here
 
     def __call__(self, layout: list[Shard], inputs: Inputs, measure: Measure) -> list[ShardRows]:
         digests = [self.ctx.storage.put_bytes(inputs(shard)) for shard in layout]
@@ -149,6 +155,11 @@ class WorkerShards:
                                       f"{record.stop_block - 1}) {job.state}: {job.error}")
             if done == len(ids):
                 return [record.rows_sha256 for record, _ in shards]  # type: ignore[misc]
-            queued = [record.job_id for record, job in shards if job.state == "queued"]
-            if not queued or self.run_here(queued[-1], measure) is None:
+            now = utcnow()
+            queued = [(record.job_id, (now - job.created_at).total_seconds()) for record, job in shards
+                      if job.state == "queued"]
+            mine = [job_id for job_id, waited in queued if not self.ran or waited >= HAND_OFF_SECONDS]
+            if mine and self.run_here(mine[-1], measure) is not None:
+                self.ran += 1
+            else:
                 time.sleep(POLL_SECONDS)
