@@ -395,22 +395,29 @@ def _tie_missing(module: nn.Module, missing: list[str], folder: Path) -> None:
 def load_within(spec: str, policy: LoadPolicy, *, dtype: torch.dtype, device: torch.device,
                 max_memory: int | None = None, stream: bool = False) -> LoadedModel:
     """``spec`` loaded whole onto ``device`` when its weights fit in ``max_memory`` (default: what the
-    device has free), else (or whenever ``stream`` asks) as a ``StreamedModel``. Only a local
-    transformers folder with safetensors can stream; anything else loads whole."""
+    device has free), else (or whenever ``stream`` asks) as a ``StreamedModel``. A local transformers
+    folder with safetensors streams, and so does a local ``.gguf`` (converted to one first,
+    ``quant.gguf_input``); anything else loads whole."""
+    from bitalloc.quant.gguf_input import converted, gguf_nbytes, gguf_path
+
     folder = model_folder(spec, policy)
-    if folder is None:
+    gguf = gguf_path(spec) if folder is None else None
+    if folder is None and gguf is None:
         if stream:
             raise ModelLoadError(f"{spec} cannot be streamed block by block: that needs a local transformers "
-                                 "folder (config.json and *.safetensors shards)")
+                                 "folder (config.json and *.safetensors shards) or a .gguf file")
         return load_model(spec, policy, dtype, device)
     why = "asked for"
     if not stream:
         limit = max_memory if max_memory is not None else free_memory(device)
-        size = Checkpoint.open(folder).nbytes(dtype)
+        size = gguf_nbytes(gguf, dtype) if gguf is not None else Checkpoint.open(folder).nbytes(dtype)
         if size <= limit:
             return load_model(spec, policy, dtype, device)
         why = (f"its weights take {size / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')}, more than the "
                f"{limit / 2**30:.2f} GiB {'max_memory allows' if max_memory is not None else f'free on {device}'}")
+    if gguf is not None:  # dequantized tensor by tensor into safetensors shards, once per file
+        folder = converted(gguf, dtype, known_sha256(gguf))
+        why += f"; converted from GGUF into {folder}"
     model = open_streamed(folder, spec.strip(), dtype, device, trust_remote_code=policy.trust_remote_code)
     model.info["streamed"] = why
     return model
