@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from bitalloc.quant.evaluate import Assignment, Evaluator, kl_sum
-from bitalloc.quant.execution import logits
+from bitalloc.quant.execution import logits, model_logits
 from bitalloc.quant.hessian import Hessians
+from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.metrics.fisher_mse import frozen
 from bitalloc.quant.quantizers import Method
-from bitalloc.quant.simulation import simulated
+from bitalloc.quant.simulation import applied, simulated
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import as_matrix, weight_matrix
 
 
@@ -75,17 +77,78 @@ class KLGradient:
     def __call__(self, assignment: Assignment) -> np.ndarray:
         """The cells around ``assignment`` (a ``search.Allocation``): descent's ``LinearModel``."""
         allocation = assignment.formats
+        if isinstance(self.evaluator.model, StreamedModel):
+            return self._streamed(allocation)
         gradients = self.gradients(allocation)
         cells = np.zeros((len(self.unit_names), len(self.format_names)))
+        for name, grad in gradients.items():
+            self._fill(cells, name, grad, allocation)
+        return cells
+
+    def _fill(self, cells: np.ndarray, name: str, grad: torch.Tensor, allocation: Mapping[str, str]) -> None:
+        """Unit ``name``'s row: its gradient dotted with each allowed format's weight change (the
+        module holds the unit's 16-bit weight)."""
+        i = self.unit_names.index(name)
         cache = self.evaluator.weights
-        for i, name in enumerate(self.unit_names):
-            if name not in gradients:
-                continue
-            weight = weight_matrix(self.modules[name]).detach()
-            grad = gradients[name].float()
-            here = simulated(weight, name, allocation[name], self.method, self.hessians, cache)
-            for j, format_name in enumerate(self.format_names):
-                if self.allowed[i, j] and format_name != allocation[name]:
-                    there = simulated(weight, name, format_name, self.method, self.hessians, cache)
-                    cells[i, j] = float((grad * (there - here)).sum(dtype=torch.float64))
+        weight = weight_matrix(self.modules[name]).detach()
+        grad = grad.float()
+        here = simulated(weight, name, allocation[name], self.method, self.hessians, cache)
+        for j, format_name in enumerate(self.format_names):
+            if self.allowed[i, j] and format_name != allocation[name]:
+                there = simulated(weight, name, format_name, self.method, self.hessians, cache)
+                cells[i, j] = float((grad * (there - here)).sum(dtype=torch.float64))
+
+    def _streamed(self, allocation: Mapping[str, str]) -> np.ndarray:
+        """The cells of a model streamed block by block: forward with the allocation applied block by
+        block, keeping the boundary states, the KL's gradient in the last hidden states, then back
+        down the blocks, each run again (quantized) from its input state so that one
+        ``autograd.grad`` gives its units' weight gradients, which fill their rows while the block
+        is read, and the gradient handed below. GPTQ's Hessians would need a calibration walk
+        beside both passes, which is not done: it is refused."""
+        if self.method == "gptq":
+            raise ValueError("descent's KL gradient on a model streamed block by block is measured with RTN "
+                             "cells only: give a --max-memory the weights fit in, or method rtn")
+        model: StreamedModel = self.evaluator.model  # type: ignore[assignment]
+        batches = self.evaluator.batches()
+        positions = sum(batch[:, 1:].numel() for batch in batches)
+        prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
+        cells = np.zeros((len(self.unit_names), len(self.format_names)))
+        references = list(self.evaluator.reference_log_probs(batches))
+
+        def of_block(index: int) -> dict[str, str]:
+            return {n: f for n, f in allocation.items() if n.startswith(prefixes[index]) and n in self.modules}
+
+        with kv_applied(model, allocation):
+            inputs = model.block_inputs(batches)
+            states = [[step.hidden for step in inputs]]
+            for i in range(len(model.blocks)):
+                with model.materialized(i) as block, applied(model, of_block(i), method=self.method,
+                                                             cache=self.evaluator.weights), torch.no_grad():
+                    states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
+            grads = []
+            for batch, reference, hidden in zip(batches, references, states[-1]):
+                hidden = hidden.detach().requires_grad_()
+                with model.bypassed(hidden), torch.enable_grad():
+                    q = torch.log_softmax(model_logits(model.module, batch)[:, :-1], dim=-1)
+                    grads.append(torch.autograd.grad(kl_sum(reference, q) / positions, hidden)[0])
+            for i in reversed(range(len(model.blocks))):
+                units = of_block(i)
+                with model.materialized(i) as block:
+                    weights = {name: self.modules[name].weight for name in units}
+                    sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+                    with applied(model, units, method=self.method, cache=self.evaluator.weights), \
+                            frozen(model.module):
+                        for w in weights.values():
+                            w.requires_grad_(True)
+                        for b, step in enumerate(inputs):
+                            hidden = states[i][b].detach().requires_grad_()
+                            found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights.values()],
+                                                        grad_outputs=grads[b], allow_unused=True)
+                            grads[b] = found[0]
+                            for total, grad in zip(sums.values(), found[1:]):
+                                if grad is not None:
+                                    total += grad
+                    for name, total in sums.items():  # the block's 16-bit weights are back
+                        self._fill(cells, name, as_matrix(self.modules[name], total), allocation)
+                del states[i + 1]
         return cells

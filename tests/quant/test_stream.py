@@ -385,3 +385,25 @@ def test_a_streamed_build_writes_the_whole_model_s_artifact_block_by_block(shard
     tokens = calibration.inputs[:2]
     logits = [load_artifact(artifact.path).module(tokens).logits.detach() for artifact in built]
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+def test_descent_s_kl_gradient_streams_block_by_block_as_the_whole_model_s(sharded, calibration):
+    """``KLGradient`` on a streamed model: forward quantized block by block, back down the blocks,
+    each block's rows filled while it is read; the whole model's cells within 1e-4."""
+    from types import SimpleNamespace
+
+    from bitalloc.quant.evaluate import Evaluator
+    from bitalloc.quant.linearize import KLGradient
+
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    names = [u.name for u in whole.units().weights]
+    formats = [f.name for f in FORMATS]
+    allocation = SimpleNamespace(formats={name: formats[i % 2] for i, name in enumerate(names)})
+    allowed = np.ones((len(names), len(formats)), bool)
+    cells = [KLGradient(Evaluator(model, calibration.head(3), batch_size=2), names, formats, allowed)(allocation)
+             for model in (whole, streamed)]
+    assert np.abs(cells[0]).max() > 0
+    np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-4 * np.abs(cells[0]).max())
+    with pytest.raises(ValueError, match="RTN cells only"):
+        KLGradient(Evaluator(streamed, calibration.head(1)), names, formats, allowed, method="gptq")(allocation)
