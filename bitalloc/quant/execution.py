@@ -94,4 +94,3 @@ def _streamed(model: StreamedModel, batches: Sequence[torch.Tensor], allocation:
         with model.bypassed(state.hidden), applied(model, outside, method=method, hessians=hessians, cache=cache):
             out = model_logits(model.module, batch)
         yield out
-

@@ -149,10 +149,8 @@ class HessianWalk:
         self.modules = dict(model.module.named_modules())
         self.inputs = model.block_inputs(source.calibration.batches(source.batch_size))
         self.members: dict[int, list[Unit]] = {}
-        prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
         for unit in source.units.weights:
-            index = next((i for i, prefix in enumerate(prefixes) if unit.name.startswith(prefix)), None)
-            if index is not None:
+            if (index := model.block_of(unit.name)) is not None:
                 self.members.setdefault(index, []).append(unit)
 
     def step(self, index: int, block: nn.Module) -> Hessians:

@@ -118,19 +118,12 @@ class KLGradient:
         def of_block(index: int) -> dict[str, str]:
             return {n: f for n, f in allocation.items() if n.startswith(prefixes[index]) and n in self.modules}
 
+        def loss(b: int, batch: torch.Tensor) -> torch.Tensor:
+            return kl_sum(references[b], torch.log_softmax(model_logits(model.module, batch)[:, :-1], dim=-1)) / positions
+
         with kv_applied(model, allocation):
-            inputs = model.block_inputs(batches)
-            states = [[step.hidden for step in inputs]]
-            for i in range(len(model.blocks)):
-                with model.materialized(i) as block, applied(model, of_block(i), method=self.method,
-                                                             cache=self.evaluator.weights), torch.no_grad():
-                    states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
-            grads = []
-            for batch, reference, hidden in zip(batches, references, states[-1]):
-                hidden = hidden.detach().requires_grad_()
-                with model.bypassed(hidden), torch.enable_grad():
-                    q = torch.log_softmax(model_logits(model.module, batch)[:, :-1], dim=-1)
-                    grads.append(torch.autograd.grad(kl_sum(reference, q) / positions, hidden)[0])
+            inputs, states, grads = model.walk_to_head(
+                batches, loss, lambda i, block: applied(model, of_block(i), method=self.method, cache=self.evaluator.weights))
             for i in reversed(range(len(model.blocks))):
                 units = of_block(i)
                 with model.materialized(i) as block:

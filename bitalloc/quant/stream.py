@@ -203,6 +203,12 @@ class StreamedModel(LoadedModel):
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
 
+    def block_of(self, name: str) -> int | None:
+        """The index of the block that holds the module or tensor ``name``; None outside the blocks."""
+        head, _, rest = name.partition(f"{self.blocks_path}.")
+        index = rest.partition(".")[0] if not head else ""
+        return int(index) if index.isdigit() and int(index) < len(self.blocks) else None
+
     @contextlib.contextmanager
     def materialized(self, index: int) -> Iterator[nn.Module]:
         """Block ``index`` with its weights read from the checkpoint; back on the meta device after."""
@@ -257,6 +263,30 @@ class StreamedModel(LoadedModel):
                 with torch.no_grad():
                     inputs = [step.with_hidden(step.run(block)) for step in inputs]
         return inputs
+
+    def walk_to_head(self, batches: list[torch.Tensor], loss: Callable[[int, torch.Tensor], torch.Tensor],
+                     visit: Callable[[int, nn.Module], ContextManager] | None = None,
+                     done: Callable[[int], None] = lambda blocks: None,
+                     ) -> tuple[list[BlockInputs], list[list[torch.Tensor]], list[torch.Tensor]]:
+        """The first half of a backward pass through the blocks: their inputs, the hidden states
+        entering every block (and leaving the last) per batch, and the gradient of
+        ``loss(index, batch)`` in the last hidden states; the caller walks back down the blocks
+        with them. ``visit`` is entered around each block's forward as in ``walk`` (to quantize
+        it, say); ``done(k)`` hears that k blocks, then the head (k = blocks + 1), are through."""
+        inputs = self.block_inputs(batches)
+        states = [[step.hidden for step in inputs]]
+        for i in range(len(self.blocks)):
+            with self.materialized(i) as block, (visit(i, block) if visit else contextlib.nullcontext()), \
+                    torch.no_grad():
+                states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
+            done(i + 1)
+        grads = []
+        for b, (batch, hidden) in enumerate(zip(batches, states[-1])):
+            hidden = hidden.detach().requires_grad_()
+            with self.bypassed(hidden), torch.enable_grad():
+                grads.append(torch.autograd.grad(loss(b, batch), hidden)[0])
+        done(len(self.blocks) + 1)
+        return inputs, states, grads
 
     def entry_states(self, batches: list[torch.Tensor], starts: list[int]) -> dict[int, list[torch.Tensor]]:
         """The hidden states entering each block of ``starts`` (one tensor per batch), from one

@@ -127,17 +127,16 @@ def _streamed_parts(model: StreamedModel, units: dict[str, tuple[nn.Module, Form
     outside_units = {n: u for n, u in units.items() if not n.startswith(tuple(prefixes))}
     yield _part(outside_units, {n: t for n, t in rest.items() if not n.startswith(tuple(prefixes))}, method, {},
                 progress, 0, len(units))
-    gptq = [n for n, (_, fmt) in units.items() if uses_gptq(fmt, method)]
     walk = None
-    if gptq and calibration is not None:
-        unit_set = model.units()
-        walk = HessianWalk(model, BlockHessians(unit_set, calibration))
+    if calibration is not None and any(uses_gptq(fmt, method) for _, fmt in units.values()):
+        walk = HessianWalk(model, BlockHessians(model.units(), calibration))
     done = len(outside_units)
     for index, prefix in enumerate(prefixes):
         with model.materialized(index) as block:
             hessians = walk.step(index, block) if walk is not None else {}
             block_units = {n: u for n, u in units.items() if n.startswith(prefix)}
-            block_rest = {f"{prefix}{n}": t for n, t in block.state_dict(keep_vars=True).items() if f"{prefix}{n}" in rest}
+            block_rest = {f"{prefix}{n}": t for n, t in block.state_dict(keep_vars=True).items()
+                          if f"{prefix}{n}" in rest}
             yield _part(block_units, block_rest, method, hessians, progress, done, len(units))
             done += len(block_units)
 

@@ -239,10 +239,10 @@ def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) ->
     model, index, members = _gradient_layout(ctx)
     units = ctx.weight_units
     batches = [batch.to(model.device) for batch in fisher_batches(ctx)]
-    inputs, states, grads = _walk_to_head(
-        ctx, model, batches, lambda batch: sampled_score(log_probs_of(model.module, batch, True), generator),
-        "output fisher (streamed)")
     steps = 2 * len(members) + 1
+    inputs, states, grads = model.walk_to_head(
+        batches, lambda _, batch: sampled_score(log_probs_of(model.module, batch, True), generator),
+        done=lambda k: ctx.progress(k, steps, "output fisher (streamed)"))
 
     sums = [torch.zeros(u.shape[0], dtype=torch.float64) for u in units]
     rows = [0] * len(units)
@@ -264,28 +264,6 @@ def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) ->
         del states[i + 1]
         ctx.progress(steps - i, steps, "output fisher (streamed)")
     return [(s / max(r, 1)).float() for s, r in zip(sums, rows)]
-
-
-def _walk_to_head(ctx: ProfilingContext, model: StreamedModel, batches: list[torch.Tensor],
-                  loss: Callable[[torch.Tensor], torch.Tensor], phase: str
-                  ) -> tuple[list[BlockInputs], list[list[torch.Tensor]], list[torch.Tensor]]:
-    """The first half of a streamed backward pass: the blocks' inputs, the hidden states entering
-    every block (and leaving the last) per batch, and the gradient of ``loss(batch)`` in the last
-    hidden states; the caller walks back down the blocks with them."""
-    inputs = model.block_inputs(batches)
-    states = [[step.hidden for step in inputs]]
-    steps = 2 * len(model.blocks) + 1
-    for i in range(len(model.blocks)):
-        with model.materialized(i) as block, torch.no_grad():
-            states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
-        ctx.progress(i + 1, steps, phase)
-    grads = []
-    for batch, hidden in zip(batches, states[-1]):
-        hidden = hidden.detach().requires_grad_()
-        with model.bypassed(hidden), torch.enable_grad():
-            grads.append(torch.autograd.grad(loss(batch), hidden)[0])
-    ctx.progress(len(model.blocks) + 1, steps, phase)
-    return inputs, states, grads
 
 
 @contextlib.contextmanager
@@ -318,7 +296,7 @@ def _by_block(model: StreamedModel, units: list[Unit]) -> list[list[Unit]]:
     """Each block's units, in unit order; a unit outside every block is refused."""
     members: list[list[Unit]] = [[] for _ in model.blocks]
     for unit in units:
-        index = next((i for i in range(len(members)) if unit.name.startswith(model.block_prefix(i))), None)
+        index = model.block_of(unit.name)
         if index is None:
             raise ValueError(f"unit {unit.name} lies outside the decoder blocks ({model.blocks_path}); a streamed "
                              "profile measures the blocks' units only: exclude it")
@@ -334,13 +312,11 @@ def streamed_fisher(ctx: ProfilingContext) -> np.ndarray:
     A block's cells are filled while it is read, from its ``F`` and its Hessians (GPTQ's), summed
     over the calibration batches as the whole model sums them."""
     model, index, members = _gradient_layout(ctx)
-    if not ctx.calibration.tokens:
-        raise ValueError(f"{ctx.model.spec}: gradient metrics need a language model and token windows")
     windows = [window[None].to(model.device) for window in ctx.calibration.inputs]
-    inputs, states, grads = _walk_to_head(ctx, model, windows, lambda window: next_token_loss(model.module, window),
-                                          "fisher (streamed)")
-    batched = model.block_inputs(ctx.batches())  # the Hessians' passes, batched as the whole model's
     steps = 2 * len(members) + 1
+    inputs, states, grads = model.walk_to_head(windows, lambda _, window: next_token_loss(model.module, window),
+                                               done=lambda k: ctx.progress(k, steps, "fisher (streamed)"))
+    batched = model.block_inputs(ctx.batches())  # the Hessians' passes, batched as the whole model's
 
     errors = np.zeros((len(ctx.weight_units), len(ctx.formats)))
     for i in reversed(range(len(members))):
