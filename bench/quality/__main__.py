@@ -19,6 +19,7 @@ from bench.quality.experiments import (
     run_nsga2,
     run_proxies,
     run_refine,
+    run_surrogate,
     run_target,
 )
 from bench.quality.harness import Bench, Point, arguments, formats_for
@@ -34,6 +35,7 @@ def main() -> None:
         args.fitness_windows, args.refine_targets, args.kv_contexts, args.target_kls = 2, "4.5", "4096", "0.15"
         args.refine_generations = 1
         args.descent_targets, args.descent_iterations, args.gradient_windows = "4.5", 1, 2
+        args.surrogate_targets, args.surrogate_initial, args.surrogate_rounds = "4.5", 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
@@ -46,7 +48,7 @@ def main() -> None:
     targets = floats(args.targets)
     started = time.perf_counter()
     bench = Bench(args)
-    refine, descent, phases = [], [], {}
+    refine, descent, surrogate, phases = [], [], [], {}
     for quantizer in filter(None, args.quantizers.split(",")):  # '' runs only the parts after them
         clock = time.perf_counter()
         run_baselines(bench, quantizer, targets)
@@ -64,6 +66,9 @@ def main() -> None:
                 descent += run_descent(bench, quantizer, floats(args.descent_targets), ties=ties)
             if args.descent_misses:
                 descent += run_descent_where_missed(bench, quantizer, tuple(band))
+        if quantizer in args.surrogate_quantizers.split(","):
+            for ties in filter(None, args.surrogate_ties.split(",")):
+                surrogate += run_surrogate(bench, quantizer, floats(args.surrogate_targets), ties == "tied", args.ceiling)
         phases[quantizer] = round(time.perf_counter() - clock, 1)
     kv = run_kv(bench) if args.kv_contexts else []
     target = run_target(bench, floats(args.target_kls)) if args.target_kls else []
@@ -74,6 +79,8 @@ def main() -> None:
         refine, kv, target = refine or earlier["refine"], kv or earlier["kv"], target or earlier["target"]
         again = {(r["quantizer"], r["target"], r["ties"]) for r in descent}
         descent = [r for r in earlier.get("descent", []) if (r["quantizer"], r["target"], r["ties"]) not in again] + descent
+        again = {(r["quantizer"], r["target"], r["ties"]) for r in surrogate}
+        surrogate = [r for r in earlier.get("surrogate", []) if (r["quantizer"], r["target"], r["ties"]) not in again] + surrogate
         phases = {**{k: v for k, v in earlier["seconds"].items() if k != "this run"}, **phases}
     fitness = bench.workspace("rtn").fitness.evaluator.windows.describe()
     quantizers = sorted({p.quantizer for p in bench.points}, key=["rtn", "gptq"].index)
@@ -84,7 +91,7 @@ def main() -> None:
         "evaluation": bench.windows.describe(), "fitness": fitness, "eval_tokens": reference.tokens,
         "reference_perplexity": reference.reference_perplexity, "options": {k: v for k, v in vars(args).items() if k != "out"},
         "points": [asdict(p) for p in bench.points], "goal": goal_rows(bench.points, tuple(floats(args.band))),
-        "refine": refine, "descent": descent, "kv": kv, "target": target,
+        "refine": refine, "descent": descent, "surrogate": surrogate, "kv": kv, "target": target,
         "seconds": {**phases, "this run": round(time.perf_counter() - started, 1)}, "resumed_points": bench.resumed,
         "rescored": bench.rescored,
     }

@@ -14,11 +14,15 @@ import numpy as np
 
 from bench.quality.harness import (
     CACHE,
+    CEILING,
+    CEILING_UNTIED,
     DESCENT,
     DESCENT_UNTIED,
     FORMATS,
     HEADLINE,
     HEADLINE_UNTIED,
+    SURROGATE,
+    SURROGATE_UNTIED,
     WIDTHS,
     Bench,
     budget_label,
@@ -27,8 +31,9 @@ from bench.quality.harness import (
 )
 from bench.quality.report import goal_rows
 from bitalloc.pipeline.problem import problem_of
-from bitalloc.pipeline.steps import Descend, Refine, Solve, Target
+from bitalloc.pipeline.steps import Descend, Refine, Solve, Surrogate, Target
 from bitalloc.quant.costs import LatencyModel
+from bitalloc.quant.evaluate import MeasuredKL
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.kv import KVOptions
 from bitalloc.quant.metrics.context import ProfilingContext
@@ -45,11 +50,10 @@ KV_FORMATS = ("int2_g128", "int4_g128", "int8_g128", "bf16")
 
 def run_proxies(bench: Bench, quantizer: str, targets: list[float]) -> None:
     """Each metric, solved exactly (``dp``) at every target."""
-    for metric in PROXIES:
-        problem = bench.problem(metric, quantizer)
+    for metric in PROXIES:  # a resumed point needs no profile: it is built only for a point to score
         for target in targets:
-            allocation, seconds = timed(lambda: solve(problem, Budgets(max_avg_bits=target)))
-            bench.score(allocation, quantizer, f"bitalloc {metric}+dp", f"{metric}+dp @{target:g}", target, seconds)
+            bench.measured(quantizer, f"bitalloc {metric}+dp", f"{metric}+dp @{target:g}", target,
+                           lambda: solve(bench.problem(metric, quantizer), Budgets(max_avg_bits=target)), lambda _: {})
 
 
 def run_headline_at(bench: Bench, quantizer: str, bits: list[float], ties: bool = True) -> None:
@@ -72,8 +76,8 @@ def run_nsga2(bench: Bench, quantizer: str, targets: list[float]) -> None:
     """NSGA-II (pymoo) on the headline proxy at each target: the heuristic's gap, measured."""
     work = bench.workspace(quantizer)
     for target in targets:
-        allocation, seconds = timed(lambda: Solve(Budgets(max_avg_bits=target), "nsga2")(work, None))
-        bench.score(allocation, quantizer, "bitalloc fisher_mse+nsga2", f"fisher_mse+nsga2 @{target:g}", target, seconds)
+        bench.measured(quantizer, "bitalloc fisher_mse+nsga2", f"fisher_mse+nsga2 @{target:g}", target,
+                       lambda: Solve(Budgets(max_avg_bits=target), "nsga2")(work, None), lambda _: {})
 
 
 def run_refine(bench: Bench, quantizer: str, targets: list[float]) -> list[dict]:
@@ -136,6 +140,47 @@ def descend_at(bench: Bench, quantizer: str, bits: float, ties: bool) -> dict:
     return {"quantizer": quantizer, "target": bits, "ties": ties, "fitness_start": after.info["fitness_start"],
             "fitness_end": after.info["fitness_end"], "eval_start": before.kl, "eval_end": after.kl,
             "steps": after.info["steps"], "p_values": after.info.get("p_values"), "seconds": after.seconds}
+
+
+def run_surrogate(bench: Bench, quantizer: str, targets: list[float], ties: bool, ceiling: bool) -> list[dict]:
+    """The job's ``Surrogate`` step from the headline allocation at each target (fitness on the
+    tuning text, half to select and half to confirm), and, with ``ceiling``, the same step
+    selecting and confirming on the evaluation split itself: an oracle no job may use, which
+    says how low an allocation of these formats can go. Each row holds both against HAWQ-V3 at
+    the same target and tie setting."""
+    args, suffix = bench.args, "" if ties else " untied"
+    work = bench.workspace(quantizer, ties)
+    oracle = replace(work, spec=replace(work.spec, fitness_windows=len(bench.windows.inputs)))
+    oracle.hessians = work.hessians
+    oracle.fitness = MeasuredKL(bench.evaluator, method=quantizer, hessians=work.hessians)  # type: ignore[arg-type]
+    step = Surrogate(args.surrogate_rounds, args.surrogate_initial)
+    rows = []
+    for target in targets:
+        label = budget_label(target)
+        start = bench.latest(quantizer, HEADLINE if ties else HEADLINE_UNTIED, target)
+        hawq = next(p for p in bench.points if p.quantizer == quantizer and p.label == f"HAWQ-V3 @{target:g}{suffix}")
+        row = {"quantizer": quantizer, "target": target, "ties": ties, "start_kl": start.kl, "hawq_kl": hawq.kl,
+               "hawq_bits": hawq.avg_bits}
+        runs = [("surrogate", SURROGATE if ties else SURROGATE_UNTIED, work)]
+        runs += [("ceiling", CEILING if ties else CEILING_UNTIED, oracle)] if ceiling else []
+        for name, family, space in runs:
+            point = bench.measured(quantizer, family, f"{name} @{label}{suffix}", target,
+                                   lambda: step(space, Solve(Budgets(max_avg_bits=target))(space, None)), surrogate_info)
+            row[name] = {"kl": point.kl, "bits": point.avg_bits, "ratio_to_hawq": point.kl / hawq.kl,
+                         "seconds": point.seconds, **point.info}
+        rows.append(row)
+        log(f"  {quantizer} @{target:g}{suffix}: start {start.kl:.4f}  HAWQ-V3 {hawq.kl:.4f}  "
+            + "  ".join(f"{name} {row[name]['kl']:.4f} ({row[name]['ratio_to_hawq']:.2f}x)" for name, _, _ in runs))
+    return rows
+
+
+def surrogate_info(found: Allocation) -> dict:
+    """What a surrogate point records: its fitness before and after, how many allocations it
+    measured, whether the confirmation windows agreed, and its model's held-out accuracy."""
+    return {"fitness_start": found.info["start_measured"], "fitness_end": found.measured,
+            "evaluations": found.info["evaluations"], "rounds": len(found.info["rounds"]),
+            "confirmed": found.info["confirmed"], "confirm_p_value": found.info["confirm_p_value"],
+            "held_out": found.info.get("held_out"), "phase_seconds": found.info["seconds"]}
 
 
 def run_target(bench: Bench, targets: list[float]) -> list[dict]:

@@ -37,6 +37,12 @@ HEADLINE = "bitalloc fisher_mse+dp"
 HEADLINE_UNTIED = "bitalloc fisher_mse+dp (untied)"
 DESCENT = "bitalloc fisher_mse+dp+descent"
 DESCENT_UNTIED = "bitalloc fisher_mse+dp+descent (untied)"
+SURROGATE = "bitalloc fisher_mse+dp+surrogate"
+SURROGATE_UNTIED = "bitalloc fisher_mse+dp+surrogate (untied)"
+# The surrogate selecting on the evaluation split itself: how low any allocation of these formats
+# can go, never a job's result (so it is neither bitalloc's nor a baseline in the goal).
+CEILING = "ceiling: surrogate on the evaluation split"
+CEILING_UNTIED = "ceiling: surrogate on the evaluation split (untied)"
 
 
 def formats_for(quantizer: str) -> list[Format]:
@@ -241,6 +247,13 @@ def arguments() -> argparse.ArgumentParser:
                         help="also descend at the bits of every baseline point the goal misses after the targets")
     parser.add_argument("--gradient-windows", type=int, default=8, help="calibration windows for descent's gradients")
     parser.add_argument("--refine-generations", type=int, default=8)
+    parser.add_argument("--surrogate-targets", default="4,4.5,5,5.5", help="targets for the surrogate ('' skips)")
+    parser.add_argument("--surrogate-quantizers", default="rtn,gptq", help="quantizers to run the surrogate for")
+    parser.add_argument("--surrogate-ties", default="tied,untied", help="tie settings to run the surrogate with")
+    parser.add_argument("--surrogate-initial", type=int, default=16, help="allocations measured before the first fit")
+    parser.add_argument("--surrogate-rounds", type=int, default=8, help="at most this many solve-and-measure rounds")
+    parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the surrogate on the evaluation split (the oracle ceiling)")
     parser.add_argument("--kv-contexts", default="4096,32768", help="'' skips the KV part")
     parser.add_argument("--kv-tokens", type=int, default=256)
     parser.add_argument("--target-kls", default="0.05,0.15", help="accuracy-target mode ('' skips)")

@@ -22,7 +22,7 @@ def goal_rows(points: list[Point], band: tuple[float, float]) -> list[dict]:
     rows = []
     for runtime in RUNTIMES:
         for base in points:
-            if (base.family.startswith(("bitalloc", "accuracy")) or not band[0] <= base.kl <= band[1]
+            if (base.family.startswith(("bitalloc", "accuracy", "ceiling")) or not band[0] <= base.kl <= band[1]
                     or runtime == "fused" and not base.tied):
                 continue
             ours = [p for p in points if p.quantizer == base.quantizer and p.family.startswith("bitalloc")
@@ -105,6 +105,18 @@ def print_tables(result: dict) -> None:
             print(f"{r['quantizer']:<5}@{r['target']:<5}{'tied' if r['ties'] else 'untied':<8} fitness {r['fitness_start']:.4f} -> "
                   f"{r['fitness_end']:.4f}   evaluation {r['eval_start']:.4f} -> {r['eval_end']:.4f}   steps {r['steps']}"
                   f"  p {r.get('p_values')}  {r['seconds']} s")
+    if result.get("surrogate"):
+        print("\nMeasured surrogate (fitness: KL on tuning text) and its ceiling (the same search selecting on the "
+              "evaluation split), against HAWQ-V3 at the same target and ties; judged on the evaluation split")
+        print(f"{'q':<5}{'bits':>5} {'ties':<7}{'start':>8}{'HAWQ-V3':>9}{'surrogate':>10}{'ratio':>7}{'measured':>9}"
+              f"{'spearman':>9}{'sum':>6}{'ceiling':>9}{'ratio':>7}{'sec':>7}")
+        for r in result["surrogate"]:
+            s, c = r["surrogate"], r.get("ceiling")
+            fit = s.get("held_out") or {}
+            print(f"{r['quantizer']:<5}{r['target']:>5g} {'tied' if r['ties'] else 'untied':<7}{r['start_kl']:>8.4f}"
+                  f"{r['hawq_kl']:>9.4f}{s['kl']:>10.4f}{s['ratio_to_hawq']:>7.2f}{s['evaluations']:>9}"
+                  f"{fit.get('spearman', float('nan')):>9.2f}{fit.get('additive_spearman', float('nan')):>6.2f}"
+                  + (f"{c['kl']:>9.4f}{c['ratio_to_hawq']:>7.2f}" if c else f"{'-':>9}{'-':>7}") + f"{s['seconds']:>7.0f}")
     if result["kv"]:
         print("\nKV cache in the same memory budget (weights + KV at the context; KL measured on 512-token windows)")
         for r in result["kv"]:

@@ -45,6 +45,7 @@ class JobResult:
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     compute: dict = field(default_factory=dict)  # where the job computed: device, dtype, streamed or not
+    measured: Path | None = None  # the surrogate's measured allocations (``pipeline.measured``), when it ran
 
     def summary(self) -> dict:
         return {
@@ -118,7 +119,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
     problem = problem_of(profile, ties=spec.ties)
     front_solver = spec.solver if spec.solver in EXACT_SOLVERS + ("nsga2",) else "dp"
     sweep = front(problem, ("error", "bytes"), spec.points, solver=front_solver)
-    work = Workspace(spec, model, units, calibration, problem, profile_dir, notify)
+    work = Workspace(spec, model, units, calibration, problem, profile_dir, notify, profile_key=profile.meta["key"])
     chosen = None
     for step in recipe(spec):
         progress(0, 1, step.name)
@@ -132,7 +133,7 @@ def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy
         evaluation = evaluate_point(model, chosen, spec, units, work.hessians)
         progress(1, 1, "evaluate")
         lap("evaluate")
-    return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes, compute)
+    return JobResult(profile, cached, sweep, chosen, evaluation, seconds, work.notes, compute, work.measured_path)
 
 
 def _load(spec: JobSpec, policy: LoadPolicy, stream: bool) -> tuple[LoadedModel, UnitSet, CalibrationSet]:

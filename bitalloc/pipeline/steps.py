@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from bitalloc.pipeline.baselines import BaselineRequest, named_baseline
+from bitalloc.pipeline.measured import MeasuredAllocations
 from bitalloc.pipeline.problem import problem_of
 from bitalloc.pipeline.spec import KL_METRICS, JobSpec
 from bitalloc.quant.calibration import CalibrationSet, calibration_tokens
@@ -67,6 +68,10 @@ class Workspace:
     weights: QuantizedWeights = field(default_factory=lambda: QuantizedWeights(1e9))
     # The options of HAWQ-V3's hessian_trace profile (its Hutchinson samples and windows).
     trace_options: dict | None = None
+    # The profile's key: with it, the surrogate keeps what it measured beside the profile, for a
+    # search at another budget (``pipeline.measured``); ``measured_path`` names that file once written.
+    profile_key: str | None = None
+    measured_path: Path | None = None
 
     def with_problem(self, problem: Problem) -> Workspace:
         """The same workspace posing another problem (the same profile without tie groups, say):
@@ -228,12 +233,19 @@ class Surrogate(Step):
         problem, within, fitness = work.problem, work.within(point), work.fitness
         seeds = [rescore(hawq_v3(work.trace_problem, within), problem)]
         blocks = {unit.name: unit.block for unit in work.units.units}
+        store = (None if work.profile_key is None
+                 else MeasuredAllocations(work.profile_dir, work.profile_key, fitness.evaluator.windows.describe()))
+        measured = {} if store is None else store.load(problem)
         solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
                             blocks=[blocks[name] for name in problem.unit_names], rounds=self.rounds,
-                            initial=self.initial, seed=work.spec.seed)
+                            initial=self.initial, seed=work.spec.seed, measured=measured)
         found = solver.solve(problem, within)
+        if store is not None:
+            work.measured_path = store.save(measured, problem)
         fit = found.info.get("held_out", {})
-        work.notify(f"surrogate: {found.info['evaluations']} allocations measured; fitness KL "
+        reused = found.info["reused"]
+        work.notify(f"surrogate: {found.info['evaluations']} allocations measured"
+                    f"{f' ({reused} more reused from earlier searches)' if reused else ''}; fitness KL "
                     f"{found.info['start_measured']:.4g} -> {found.measured:.4g}"
                     + (f" (held-out Spearman {fit['spearman']:.2f}, the profile's sum {fit['additive_spearman']:.2f})"
                        if fit else ""))

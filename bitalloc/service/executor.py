@@ -122,7 +122,9 @@ class Executor:
 
         def store(session: Session) -> Outcome:
             profile = results.store_profile(session, self.ctx.storage, profile_path, result)
-            summary = results.store(session, session.get_one(JobRecord, job.id), result, profile)
+            record = session.get_one(JobRecord, job.id)
+            summary = results.store(session, record, result, profile)
+            results.store_measured(session, self.ctx.storage, record, result)
             return Outcome(summary, f"succeeded: {len(result.front)} front points stored", profile.id)
 
         return store

@@ -13,6 +13,7 @@ import json
 import uuid
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -90,6 +91,22 @@ def store(session: Session, job: models.JobRecord, result: JobResult, profile: m
         "chosen_point_id": None if chosen_point is None else chosen_point.id,
         "profile_key": profile.key,
     }
+
+
+def store_measured(session: Session, storage: BlobStore, job: models.JobRecord, result: JobResult) -> None:
+    """The surrogate's measured allocations (``pipeline.measured``: per-unit choices of the
+    profile's units and formats, and each one's KL per fitness window) as the job's artifact of
+    kind ``surrogate``, when the job ran one. Its fitted model and diagnostics are the chosen
+    allocation's ``info``."""
+    if result.measured is None:
+        return
+    sha256, size = storage.put_file(result.measured)
+    with np.load(result.measured, allow_pickle=False) as data:
+        configurations, windows = data["values"].shape
+    key = result.profile.meta["key"]
+    session.add(models.ArtifactRecord(token_id=job.token_id, job_id=job.id, kind="surrogate",
+                                      name=f"surrogate-{key[:12]}.npz", media_type=NPZ, sha256=sha256, size=size,
+                                      meta={"profile_key": key, "configurations": configurations, "windows": windows}))
 
 
 def _with_chosen(front: Front, chosen: Allocation | None) -> list[tuple[Allocation, bool]]:

@@ -1,6 +1,7 @@
 """The solve phase's other ways to pick the point: a named baseline, a measured KL target,
 measured refinement; and their validation at the API's edge."""
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -74,6 +75,20 @@ def test_the_surrogate_step_completes_within_the_size_and_never_measures_worse(t
     assert chosen.measured <= chosen.info["start_measured"]
     assert chosen.info["evaluations"] >= 2 and result.evaluation["kl"] >= 0
     assert JobCreate(model="factory:tiny-llama", formats=["int4_g32"], surrogate=3).to_spec().surrogate == 3
+
+    # another budget of the same profile and fitness windows fits on what the first measured
+    assert result.measured is not None and result.measured.parent == tmp_path
+    with np.load(result.measured) as data:
+        kept = {tuple(c): v for c, v in zip(data["choices"].tolist(), data["values"])}
+    assert len(kept) == chosen.info["evaluations"] and all(len(v) == 4 for v in kept.values())
+    smaller = run_job(spec(surrogate=2, fitness_windows=4, budgets=Budgets(max_avg_bits=4.0), evaluation=None),
+                      profile_dir=tmp_path)
+    assert smaller.chosen.info["reused"] == len(kept) and smaller.chosen.avg_bits <= 4.0
+    assert smaller.measured == result.measured
+    with np.load(smaller.measured) as data:
+        assert len(data["choices"]) == len(kept) + smaller.chosen.info["evaluations"]
+        again = {tuple(c): v for c, v in zip(data["choices"].tolist(), data["values"])}
+    assert all(np.array_equal(again[c], v) for c, v in kept.items())  # never measured again
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -149,6 +149,13 @@ def test_the_exact_solve_finds_the_brute_force_optimum_of_the_model(seed):
     assert (groups.collapse(local.choice) != groups.collapse(centre)).sum() <= 1
     assert cells.value(local.choice) == pytest.approx(near, abs=1e-6 * np.abs(values).max())
 
+    # the measured allocations excluded: the best of the rest, then nothing once all are excluded
+    feasible = every.choices[every.meets(budgets)]
+    ranked = feasible[np.argsort([cells.value(c) for c in feasible], kind="stable")]
+    second = minimise(problem, budgets, cells, exclude=list(ranked[:3]))
+    assert cells.value(second.choice) == pytest.approx(cells.value(ranked[3]), abs=1e-6 * np.abs(values).max())
+    assert minimise(problem, budgets, cells, exclude=list(feasible)) is None
+
 
 def test_the_loop_finds_what_the_sum_misses_and_keeps_within_the_budget():
     problem = layered(blocks=4, ties=True)
@@ -183,3 +190,27 @@ def test_a_measure_of_one_window_is_refused():
     problem = layered(blocks=1)
     with pytest.raises(ValueError, match="at least two windows"):
         solve(problem, Budgets(max_avg_bits=5.0), solver="surrogate", measure=lambda a, s: np.ones(1), samples=1)
+
+
+def test_a_search_at_a_smaller_budget_fits_on_what_a_larger_one_measured_and_keeps_its_own_budget():
+    problem = layered(blocks=3)
+    evaluate = true_objective(problem, {"attn.qkv": 1.0, "attn.out": 1.0, "mlp.down": 2.0, "head": 1.0},
+                              {("mlp.down", "mlp.down", 1): 2.0})
+    calls: list[tuple[int, ...]] = []
+
+    def measure(allocation: Allocation, samples: int) -> np.ndarray:
+        calls.append(tuple(allocation.choice))
+        return windowed(evaluate)(allocation, samples)
+
+    measured: dict = {}
+    blocks = [int(n.split(".")[2]) if "." in n else None for n in problem.unit_names]
+    large = solve(problem, Budgets(max_avg_bits=5.0), solver="surrogate", measure=measure, samples=64, initial=12,
+                  rounds=2, blocks=blocks, measured=measured)
+    assert large.info["reused"] == 0 and len(measured) == large.info["evaluations"] == len(calls)
+    calls.clear()
+    budgets = Budgets(max_avg_bits=4.0)
+    small = solve(problem, budgets, solver="surrogate", measure=measure, samples=64, initial=12, rounds=2,
+                  blocks=blocks, measured=measured)
+    assert_valid(problem, small, budgets)  # the larger search's allocations are fitted on, never chosen
+    assert small.info["reused"] == large.info["evaluations"]
+    assert len(calls) == small.info["evaluations"] and not set(calls) & set(list(measured)[:small.info["reused"]])

@@ -48,7 +48,7 @@ pytestmark = [
 @pytest.fixture
 def server(tmp_path):
     """A real server with two queued jobs: one that succeeds (K/V caches included, so the heatmap has cache
-    columns) and one that fails. No worker runs them until the test calls ``start_workers``, so the
+    columns; a surrogate round, so its point shows predicted against measured) and one that fails. No worker runs them until the test calls ``start_workers``, so the
     browser sees them queued first and must follow them to their end by polling."""
     settings = Settings(data_dir=tmp_path / "data", worker_threads=0, heartbeat_seconds=0.3, lease_seconds=30,
                         reaper_seconds=3600)
@@ -64,7 +64,7 @@ def server(tmp_path):
     with uvicorn_server(app) as base_url:
         headers = bearer(ctx, "browser")
         with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
-            ids = {"good": client.post("/v1/jobs", json=job_body(kv_cache={"context": 64})).json()["id"],
+            ids = {"good": client.post("/v1/jobs", json=job_body(kv_cache={"context": 64}, surrogate=1)).json()["id"],
                    "bad": client.post("/v1/jobs", json=job_body(model="factory:no-such-model")).json()["id"]}
             try:
                 yield base_url, headers["Authorization"].removeprefix("Bearer "), client, ids, start_workers
@@ -171,6 +171,11 @@ def test_the_dashboard_in_a_browser(server, browser, tmp_path):
 
     wait_for(driver, "circle.pt")
     assert len(driver.find_elements(By.CSS_SELECTOR, "circle.pt")) == len(points)
+    # the chosen point opens first: the surrogate's rounds, predicted against measured
+    rounds = client.get(f"/v1/jobs/{job_id}/allocation").json()["info"]["rounds"]
+    assert "allocations measured" in wait_for(driver, ".point-panel section.surrogate").text
+    cells = driver.find_elements(By.CSS_SELECTOR, ".point-panel table.rounds tbody tr")
+    assert len(cells) == len(rounds) >= 1
     baselines = client.get(f"/v1/jobs/{job_id}/baselines").json()["points"]
     assert len(driver.find_elements(By.CSS_SELECTOR, "svg.front-chart path.baseline")) == len(baselines) > 0
     labels = driver.execute_script(

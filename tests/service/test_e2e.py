@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 
+import numpy as np
 import pytest
 from rq import SimpleWorker
 from service_helpers import bearer, job_body, metric, running_app, wait_until_finished
@@ -124,6 +125,31 @@ def test_embedded_default_end_to_end(embedded_settings, tmp_path, zoo):
         with ctx.sessions() as session:
             for table in (models.JobLogRecord, models.FrontRecord, models.AllocationRecord, models.ArtifactRecord):
                 assert not session.scalars(select(table).where(table.job_id == uuid.UUID(job_id))).all(), table
+
+
+@pytest.mark.slow
+def test_a_surrogate_job_stores_what_it_measured_and_its_fit(embedded_settings, tmp_path, zoo):
+    """The surrogate's measured allocations are the job's artifact (a row and a blob, only the
+    owner's), and its rounds and held-out fit are the chosen point's info."""
+    with running_app(embedded_settings) as (client, ctx):
+        owner, other = bearer(ctx, "owner"), bearer(ctx, "other")
+        job_id = client.post("/v1/jobs", json=job_body(surrogate=2), headers=owner).json()["id"]
+        job = wait_until_finished(client, owner, job_id, timeout=300)
+        assert job["state"] == "succeeded", job
+        chosen = client.get(f"/v1/jobs/{job_id}/allocation", headers=owner).json()
+        info = chosen["info"]
+        assert chosen["solver"] == "surrogate" and info["rounds"] and info["held_out"]["configurations"] >= 4
+        assert {"predicted", "measured", "p_value"} <= set(info["rounds"][0])
+        (artifact,) = [a for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=owner).json()
+                       if a["kind"] == "surrogate"]
+        response = client.get(f"/v1/artifacts/{artifact['id']}", headers=owner)
+        assert response.status_code == 200 and hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+        assert client.get(f"/v1/artifacts/{artifact['id']}", headers=other).status_code == 404
+        path = tmp_path / "measured.npz"
+        path.write_bytes(response.content)
+        with np.load(path) as data:
+            assert len(data["choices"]) == info["evaluations"] and data["values"].shape[1] >= 2
+            assert list(data["units"]) == list(chosen["formats"])
 
 
 @pytest.mark.integration

@@ -13,11 +13,15 @@ integer caps as ``ilp`` keeps them, so ``optimal`` means optimal for the model u
 
 A group's format that another beats or matches in every budget and in every one of its
 tables (its own and each pair's, row by row) is dropped first: it is never needed (within a
-trust region too, once the centre's own format is kept).
+trust region too, once the centre's own format is kept). Allocations already measured can be
+excluded (one no-good cut each, and a format is dropped only for a dominator they do not use),
+so the search's next round always measures something new: the model's best among what it has
+not seen, rather than the end of the loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +46,12 @@ class Solution:
 
 
 def minimise(problem: Problem, budgets: Budgets, cells: Cells, *, around: np.ndarray | None = None,
-             radius: int | None = None, time_limit: float = 60.0, workers: int = 1, seed: int = 0) -> Solution:
+             radius: int | None = None, exclude: Sequence[Sequence[int]] = (), time_limit: float = 60.0,
+             workers: int = 1, seed: int = 0) -> Solution | None:
     """The per-unit choice minimising ``cells`` within ``budgets`` and the problem's structure;
     with ``around`` (a per-unit choice) and ``radius``, among those that change at most ``radius``
-    groups from it: a trust region, since a fitted model is only good near what was measured."""
+    groups from it: a trust region, since a fitted model is only good near what was measured;
+    never one of ``exclude`` (per-unit choices). None when no allocation is left (CP-SAT proved it)."""
     groups = problem.groups
     group_of = np.empty(problem.n_units, dtype=np.int64)
     for g, members in enumerate(groups.members):
@@ -63,8 +69,9 @@ def minimise(problem: Problem, budgets: Budgets, cells: Cells, *, around: np.nda
     caps = problem.integer_caps(budgets)
     budget_tables = [groups.sum(problem.integer(m)) for m in caps]
     centre = None if around is None or radius is None else groups.collapse(np.asarray(around))
-    options = [_undominated(g, np.flatnonzero(groups.allowed[g]), linear, budget_tables, pair_tables)
-               for g in range(groups.count)]
+    excluded = [groups.collapse(np.asarray(seen)) for seen in exclude]
+    options = [_undominated(g, np.flatnonzero(groups.allowed[g]), linear, budget_tables, pair_tables,
+                            {int(e[g]) for e in excluded}) for g in range(groups.count)]
     if centre is not None:  # moving off the centre costs distance, so its format is never dominated
         options = [fs if centre[g] in fs else np.sort(np.append(fs, centre[g])) for g, fs in enumerate(options)]
 
@@ -97,6 +104,9 @@ def minimise(problem: Problem, budgets: Budgets, cells: Cells, *, around: np.nda
                   <= cap - low)
     if centre is not None:
         model.add(sum(x[g][f] for g, f in enumerate(centre)) >= groups.count - radius)
+    for seen in excluded:  # a choice with a dropped format cannot be chosen anyway
+        if all(f in row for row, f in zip(x, seen)):
+            model.add(sum(row[f] for row, f in zip(x, seen)) <= groups.count - 1)
     model.minimize(cp_model.LinearExpr.weighted_sum(variables, weights))
 
     solver = cp_model.CpSolver()
@@ -105,6 +115,8 @@ def minimise(problem: Problem, budgets: Budgets, cells: Cells, *, around: np.nda
     solver.parameters.random_seed = seed
     solver.parameters.linearization_level = 2  # the marginals' LP relaxation is tight when interactions are weak
     status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        return None
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise SearchError(f"surrogate: CP-SAT found no allocation of the model within {time_limit}s "
                           f"({solver.status_name(status)})")
@@ -113,10 +125,20 @@ def minimise(problem: Problem, budgets: Budgets, cells: Cells, *, around: np.nda
 
 
 def _undominated(g: int, formats: np.ndarray, linear: np.ndarray, budget_tables: list[np.ndarray],
-                 pair_tables: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
-    """Group ``g``'s formats that no other format beats or matches (keeping the first of equals)
-    in every budget, its own cost and every row of its pair tables."""
+                 pair_tables: dict[tuple[int, int], np.ndarray], excluded: set[int]) -> np.ndarray:
+    """Group ``g``'s formats, less those some other format beats or matches (keeping the first of
+    equals) in every budget, its own cost and every row of its pair tables.
+
+    Swapping a dropped format for its dominator never makes an allocation worse, so the optimum
+    never needs it, unless that swap lands on an excluded allocation. So a format is dropped
+    only where a dominator that no excluded allocation uses in this group exists (``excluded``:
+    the formats they use here)."""
     rows = [linear[g, formats][:, None], *(t[g, formats][:, None] for t in budget_tables)]
     rows += [t[formats] for (a, _), t in pair_tables.items() if a == g]
     rows += [t[:, formats].T for (_, b), t in pair_tables.items() if b == g]
-    return formats[non_dominated(np.hstack(rows))]
+    points = np.hstack(rows)
+    front = non_dominated(points)
+    free = [i for i in front if int(formats[i]) not in excluded]
+    keep = [i for i in range(len(formats))
+            if i in front or not any((points[j] <= points[i]).all() for j in free)]
+    return formats[np.sort(np.array(keep, dtype=np.int64))]

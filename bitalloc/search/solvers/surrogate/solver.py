@@ -11,10 +11,11 @@ fit-and-search loop with CLADO's pairwise terms):
    adjacent blocks (``surrogate.model``) on half of the windows, the *selection* half;
 3. minimise the fitted model exactly under the budgets and tie groups (``surrogate.exact``),
    within a trust region (at most ``trust`` of the groups changed from the best allocation so
-   far: a fitted model is only good near what was measured), measure that allocation, add it,
-   refit; a round whose allocation is not lower than the best
-   so far by the paired test over the selection windows is a miss, and ``patience`` misses in a
-   row (or an allocation measured already, or ``rounds`` rounds) end the loop;
+   far: a fitted model is only good near what was measured) and among the allocations not
+   measured yet, measure that allocation, add it, refit; a round whose allocation is not lower
+   than the best so far by the paired test over the selection windows is a miss, and
+   ``patience`` misses in a row (or ``rounds`` rounds, or a trust region measured through) end
+   the loop;
 4. the best allocation by the selection windows replaces the start only if the paired test over
    the other half, the *confirmation* windows, says it is lower there too. The winner of many
    comparisons on the same windows is favoured by their noise; the confirmation windows never
@@ -28,7 +29,7 @@ fitting and solving take seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import numpy as np
 
@@ -56,7 +57,10 @@ class SurrogateSolver(Solver):
     unit's block (None outside blocks), which enables the pairwise terms; ``initial`` allocations
     are sampled and measured before the first fit; at most ``rounds`` solve-and-measure rounds
     follow, each solving within ``trust`` of the groups (a fraction) of the best allocation so far;
-``confidence`` is the paired tests' level (None compares means).
+    ``confidence`` is the paired tests' level (None compares means). ``measured`` maps per-unit
+    choices to the window values this measure gave them before (another budget's search of the
+    same problem and windows, say): they are fitted on and never measured again, and the search
+    adds what it measures to it.
     """
 
     name = "surrogate"
@@ -64,7 +68,8 @@ class SurrogateSolver(Solver):
     def __init__(self, measure: Measure, *, samples: int, start: Allocation | None = None,
                  seeds: Sequence[Allocation] = (), blocks: Sequence[int | None] | None = None, initial: int = 24,
                  rounds: int = 8, patience: int = 2, trust: float = 0.1, confidence: float | None = 0.95,
-                 time_limit: float = 60.0, seed: int = 0) -> None:
+                 time_limit: float = 60.0, seed: int = 0,
+                 measured: MutableMapping[tuple[int, ...], np.ndarray] | None = None) -> None:
         if samples < 1 or initial < 2 or rounds < 0 or patience < 1:
             raise ValueError(f"samples >= 1, initial >= 2, rounds >= 0 and patience >= 1 are needed, got "
                              f"{samples}, {initial}, {rounds} and {patience}")
@@ -75,6 +80,7 @@ class SurrogateSolver(Solver):
         self.measure, self.samples, self.start, self.seeds, self.blocks = measure, samples, start, tuple(seeds), blocks
         self.initial, self.rounds, self.patience, self.confidence = initial, rounds, patience, confidence
         self.trust, self.time_limit, self.seed = trust, time_limit, seed
+        self.measured = {} if measured is None else measured
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
         return _Search(self, problem, budgets, starting_point(problem, budgets, objective, self.start)).run()
@@ -86,7 +92,8 @@ class _Search:
     def __init__(self, solver: SurrogateSolver, problem: Problem, budgets: Budgets, start: Allocation) -> None:
         self.solver, self.problem, self.budgets, self.start = solver, problem, budgets, start
         self.layout = Layout.of(problem.unit_names, solver.blocks)
-        self.measured: dict[tuple[int, ...], np.ndarray] = {}
+        self.measured = solver.measured
+        self.before = len(self.measured)
         self.seconds = {"measure": 0.0, "fit": 0.0, "solve": 0.0}
 
     def measure(self, choice: Sequence[int]) -> np.ndarray:
@@ -127,16 +134,15 @@ class _Search:
             model = self.fit()
             clock = time.perf_counter()
             solution = minimise(problem, self.budgets, model.cells(), around=np.array(best), radius=radius,
-                                time_limit=solver.time_limit, seed=solver.seed)
+                                exclude=self.within(), time_limit=solver.time_limit, seed=solver.seed)
             self.seconds["solve"] += time.perf_counter() - clock
+            if solution is None:  # everything within the trust region has been measured
+                break
             choice = tuple(int(f) for f in solution.choice)
-            seen = choice in self.measured
             p = p_lower(self.selection(best), self.selection(choice), solver.confidence)
             history.append({"predicted": float(model.predict(np.array([choice]))[0]),
                             "measured": float(self.selection(choice).mean()), "p_value": p,
-                            "optimal": solution.optimal, "variables": solution.variables, "seen": seen})
-            if seen:
-                break
+                            "optimal": solution.optimal, "variables": solution.variables})
             if p <= self.threshold:
                 best, misses = choice, 0
             else:
@@ -145,6 +151,10 @@ class _Search:
                     break
         return self.result(history)
 
+    def within(self) -> list[tuple[int, ...]]:
+        """The measured allocations that meet this search's budgets."""
+        return [c for c in self.measured if not self.problem.violations(c, self.budgets)]
+
     @property
     def threshold(self) -> float:
         return 0.0 if self.solver.confidence is None else 1.0 - self.solver.confidence
@@ -152,11 +162,11 @@ class _Search:
     def result(self, history: list[dict]) -> Allocation:
         """The best by the selection windows if the confirmation windows agree, else the start."""
         problem, start = self.problem, self.start.choice
-        best = min(self.measured, key=lambda c: self.selection(c).mean())
+        best = min(self.within(), key=lambda c: self.selection(c).mean())
         confirm_p = p_lower(self.confirmation(start), self.confirmation(best), self.solver.confidence)
         chosen = best if confirm_p <= self.threshold else start
         info = {"start_measured": float(self.measure(start).mean()), "samples": self.solver.samples,
-                "evaluations": len(self.measured), "rounds": history,
+                "evaluations": len(self.measured) - self.before, "reused": self.before, "rounds": history,
                 "selected_measured": float(self.measure(best).mean()), "confirm_p_value": confirm_p,
                 "confirmed": chosen == best and best != start}
         if len(self.measured) >= 2:

@@ -127,9 +127,36 @@ function artifactSection(jobId, point, method) {
   return section;
 }
 
+/** The surrogate's account of a point it chose: each round's allocation as its fitted model
+ * predicted it against its measured KL on the selection windows, and how well the model predicts
+ * allocations held out of its fit, beside the profile's plain sum. Empty for other solvers. */
+function surrogateSection(point) {
+  const info = point.info || {};
+  if (point.solver !== "surrogate" || !Array.isArray(info.rounds)) return [];
+  const fit = info.held_out || {};
+  const lines = [
+    `${info.evaluations} allocations measured${info.reused ? ` (${info.reused} reused from earlier searches)` : ""}; ` +
+    `fitness KL ${fmtNumber(info.start_measured, 4)} at the start, ${fmtNumber(info.selected_measured, 4)} at the best; ` +
+    (info.confirmed ? "confirmed on the held-back windows" : "not confirmed on the held-back windows: the start was kept") +
+    ` (p = ${fmtNumber(info.confirm_p_value, 3)})`,
+  ];
+  if (fit.configurations) {
+    lines.push(`held out of the fit (${fit.folds}-fold, ${fit.configurations} allocations): Spearman ` +
+               `${fmtNumber(fit.spearman, 3)} (the profile's sum ${fmtNumber(fit.additive_spearman, 3)}), ` +
+               `error ${fmtNumber(100 * fit.relative_error, 3)} % of the mean`);
+  }
+  const head = ["round", "predicted KL", "measured KL", "p (lower than the best)"].map((t) => h("th", {text: t}));
+  const rows = info.rounds.map((r, i) => h("tr", {},
+    h("td", {class: "num", text: String(i + 1)}), h("td", {class: "num", text: fmtNumber(r.predicted, 4)}),
+    h("td", {class: "num", text: fmtNumber(r.measured, 4)}), h("td", {class: "num", text: fmtNumber(r.p_value, 3)})));
+  return h("section", {class: "surrogate"}, h("h3", {text: "Surrogate: predicted against measured"}),
+           lines.map((text) => h("p", {text})),
+           h("table", {class: "rounds"}, h("thead", {}, h("tr", {}, head)), h("tbody", {}, rows)));
+}
+
 /** The panel for one selected point (its detail from GET /v1/jobs/{id}/points/{pid}). */
 export function pointPanel({jobId, point, exports, method}) {
   const title = `Point ${point.id}${point.chosen ? " ★ solved at the job's budget" : ""}`;
-  return h("div", {class: "point-panel"}, h("h2", {text: title}), figures(point),
+  return h("div", {class: "point-panel"}, h("h2", {text: title}), figures(point), surrogateSection(point),
            downloads(jobId, point, exports), artifactSection(jobId, point, method));
 }
