@@ -124,24 +124,26 @@ class KLGradient:
         with kv_applied(model, allocation):
             inputs, states, grads = model.walk_to_head(
                 batches, loss, lambda i, block: applied(model, of_block(i), method=self.method, cache=self.evaluator.weights))
-            for i in reversed(range(len(model.blocks))):
-                units = of_block(i)
-                with model.materialized(i) as block:
-                    weights = {name: self.modules[name].weight for name in units}
-                    sums = {name: torch.zeros_like(w) for name, w in weights.items()}
-                    with applied(model, units, method=self.method, cache=self.evaluator.weights), \
-                            frozen(model.module):
-                        for w in weights.values():
-                            w.requires_grad_(True)
-                        for b, step in enumerate(inputs):
-                            hidden = states[i][b].detach().requires_grad_()
-                            found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights.values()],
-                                                        grad_outputs=grads[b], allow_unused=True)
-                            grads[b] = found[0]
-                            for total, grad in zip(sums.values(), found[1:]):
-                                if grad is not None:
-                                    total += grad
-                    for name, total in sums.items():  # the block's 16-bit weights are back
-                        self._fill(cells, name, as_matrix(self.modules[name], total), allocation)
-                del states[i + 1]
+            with states:  # the spill files, if any, go with them
+                for i in reversed(range(len(model.blocks))):
+                    units = of_block(i)
+                    with model.materialized(i) as block:
+                        entering = states[i]  # read once: a spilled boundary comes from disk
+                        weights = {name: self.modules[name].weight for name in units}
+                        sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+                        with applied(model, units, method=self.method, cache=self.evaluator.weights), \
+                                frozen(model.module):
+                            for w in weights.values():
+                                w.requires_grad_(True)
+                            for b, step in enumerate(inputs):
+                                hidden = entering[b].detach().requires_grad_()
+                                found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights.values()],
+                                                            grad_outputs=grads[b], allow_unused=True)
+                                grads[b] = found[0]
+                                for total, grad in zip(sums.values(), found[1:]):
+                                    if grad is not None:
+                                        total += grad
+                        for name, total in sums.items():  # the block's 16-bit weights are back
+                            self._fill(cells, name, as_matrix(self.modules[name], total), allocation)
+                    del states[i + 1]
         return cells

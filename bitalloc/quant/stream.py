@@ -11,7 +11,9 @@ Calibration activations pass from block to block: the inputs of the first block 
 once (the hidden states, and the keyword arguments the model hands every block: attention
 mask, position ids, rotary position embeddings), and each block's outputs are the next
 block's hidden states. Peak memory is one block's weights, the boundary states of the
-calibration batches and one block's activations, whatever the depth.
+calibration batches and one block's activations, whatever the depth; a backward walk, which
+keeps the states entering every block, holds them within a share of the memory cap and spills
+the rest to disk (``quant.states``).
 
 The decoder blocks are found by shape, not by name (``decoder_blocks``): the repeated blocks
 of any causal LM are the ``ModuleList`` of same-class modules that holds most parameters.
@@ -38,9 +40,14 @@ from torch import nn
 from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.device import free_memory
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, ModelLoadError, load_model, model_folder
+from bitalloc.quant.states import BoundaryStates
 from bitalloc.quant.units import UnitSet, enumerate_units, shared_input_groups
 
 INDEX = "model.safetensors.index.json"
+# A backward walk keeps at most 1/STATE_SHARE of the memory cap in boundary states, the rest
+# spilled to disk: the cap also holds one block's weights and activations and what lies outside
+# the blocks.
+STATE_SHARE = 4
 
 
 @dataclass
@@ -195,6 +202,13 @@ class StreamedModel(LoadedModel):
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     blocks_path: str = ""
+    # Bytes of boundary states a backward walk keeps in memory; the rest spill to disk
+    # (``quant.states``). None: no limit.
+    state_budget: int | None = None
+
+    def boundary_states(self) -> BoundaryStates:
+        """An empty store of boundary states, held to this model's ``state_budget``."""
+        return BoundaryStates(self.state_budget, self.device)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -267,24 +281,28 @@ class StreamedModel(LoadedModel):
     def walk_to_head(self, batches: list[torch.Tensor], loss: Callable[[int, torch.Tensor], torch.Tensor],
                      visit: Callable[[int, nn.Module], ContextManager] | None = None,
                      done: Callable[[int], None] = lambda blocks: None,
-                     ) -> tuple[list[BlockInputs], list[list[torch.Tensor]], list[torch.Tensor]]:
+                     ) -> tuple[list[BlockInputs], BoundaryStates, list[torch.Tensor]]:
         """The first half of a backward pass through the blocks: their inputs, the hidden states
         entering every block (and leaving the last) per batch, and the gradient of
         ``loss(index, batch)`` in the last hidden states; the caller walks back down the blocks
-        with them. ``visit`` is entered around each block's forward as in ``walk`` (to quantize
-        it, say); ``done(k)`` hears that k blocks, then the head (k = blocks + 1), are through."""
+        with them, and closes the states (some may be spill files). ``visit`` is entered around
+        each block's forward as in ``walk`` (to quantize it, say); ``done(k)`` hears that k
+        blocks, then the head (k = blocks + 1), are through."""
         inputs = self.block_inputs(batches)
-        states = [[step.hidden for step in inputs]]
+        states = self.boundary_states()
+        hidden = [step.hidden for step in inputs]
+        states.append(hidden)
         for i in range(len(self.blocks)):
             with self.materialized(i) as block, (visit(i, block) if visit else contextlib.nullcontext()), \
                     torch.no_grad():
-                states.append([step.run(block, h) for step, h in zip(inputs, states[i])])
+                hidden = [step.run(block, h) for step, h in zip(inputs, hidden)]
+            states.append(hidden)
             done(i + 1)
         grads = []
-        for b, (batch, hidden) in enumerate(zip(batches, states[-1])):
-            hidden = hidden.detach().requires_grad_()
-            with self.bypassed(hidden), torch.enable_grad():
-                grads.append(torch.autograd.grad(loss(b, batch), hidden)[0])
+        for b, (batch, last) in enumerate(zip(batches, hidden)):
+            last = last.detach().requires_grad_()
+            with self.bypassed(last), torch.enable_grad():
+                grads.append(torch.autograd.grad(loss(b, batch), last)[0])
         done(len(self.blocks) + 1)
         return inputs, states, grads
 
@@ -438,8 +456,8 @@ def load_within(spec: str, policy: LoadPolicy, *, dtype: torch.dtype, device: to
                                  "folder (config.json and *.safetensors shards) or a .gguf file")
         return load_model(spec, policy, dtype, device)
     why = "asked for"
+    limit = max_memory if max_memory is not None else free_memory(device)
     if not stream:
-        limit = max_memory if max_memory is not None else free_memory(device)
         size = gguf_nbytes(gguf, dtype) if gguf is not None else Checkpoint.open(folder).nbytes(dtype)
         if size <= limit:
             return load_model(spec, policy, dtype, device)
@@ -450,4 +468,5 @@ def load_within(spec: str, policy: LoadPolicy, *, dtype: torch.dtype, device: to
         why += f"; converted from GGUF into {folder}"
     model = open_streamed(folder, spec.strip(), dtype, device, trust_remote_code=policy.trust_remote_code)
     model.info["streamed"] = why
+    model.state_budget = limit // STATE_SHARE
     return model

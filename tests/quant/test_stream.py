@@ -12,6 +12,7 @@ from bitalloc.quant.calibration import calibration_for
 from bitalloc.quant.formats import parse_formats
 from bitalloc.quant.loading import LoadPolicy, ModelLoadError, load_model
 from bitalloc.quant.profile import ProfileCache, build_profile
+from bitalloc.quant.states import BoundaryStates
 from bitalloc.quant.stream import Checkpoint, StreamedModel, decoder_blocks, load_within, open_streamed
 
 FORMATS = parse_formats("int2_g32,int4_g32_asym,int8_g32")
@@ -407,3 +408,35 @@ def test_descent_s_kl_gradient_streams_block_by_block_as_the_whole_model_s(shard
     np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-4 * np.abs(cells[0]).max())
     with pytest.raises(ValueError, match="RTN cells only"):
         KLGradient(Evaluator(streamed, calibration.head(1)), names, formats, allowed, method="gptq")(allocation)
+
+
+@pytest.mark.parametrize("metric, options", [("fisher_mse", {"fisher_seed": 5}), ("fisher", None),
+                                             ("hessian_trace", {"hutchinson_samples": 2, "hutchinson_seed": 3})])
+def test_boundary_states_beyond_the_budget_spill_to_disk_and_give_the_same_cells(sharded, calibration, metric, options,
+                                                                                  tmp_path, monkeypatch):
+    """With no memory for boundary states, every block's states of a backward walk go to a spill
+    file and come back for the reverse walk: the cells are the in-memory walk's, and no file is left."""
+    monkeypatch.setenv("BITALLOC_SPILL_DIR", str(tmp_path / "spill"))
+    written: list[int] = []
+    original = BoundaryStates.append
+
+    def counting(self, states):
+        original(self, states)
+        written.append(self.spilled)
+
+    monkeypatch.setattr(BoundaryStates, "append", counting)
+    short = calibration.head(4, 16)
+    cells = []
+    for budget in (None, 0):
+        streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+        streamed.state_budget = budget
+        written.clear()
+        cells.append(build_profile(streamed, streamed.units(), FORMATS, metric, short, options=options).error)
+        assert (max(written) > 0) == (budget == 0)  # everything spilled, or nothing
+    np.testing.assert_array_equal(cells[1], cells[0])
+    assert not any((tmp_path / "spill").rglob("*"))
+
+
+def test_load_within_holds_boundary_states_to_a_share_of_the_memory_cap(sharded):
+    streamed = load_within(str(sharded), LoadPolicy(), dtype=torch.float32, device=CPU, max_memory=4 * 2**20)
+    assert isinstance(streamed, StreamedModel) and streamed.state_budget == 2**20

@@ -180,22 +180,27 @@ def streamed_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed:
     def vectors(run: _BlockFunction, block_units: list[Unit], b: int, s: int) -> dict[str, torch.Tensor]:
         return {name: rademacher(run.params[name], seed, b, s, index[u.name]) for name, u in zip(run.names, block_units)}
 
-    # Boundary states per batch, and their derivatives along each (batch, sample)'s vectors.
-    states = [[step.hidden for step in inputs]]
-    tangents = [[torch.zeros_like(states[0][b]) for b, _ in pairs]]
-    with sdpa_kernel(SDPBackend.MATH):
+    # Boundary states per batch, and their derivatives along each (batch, sample)'s vectors,
+    # within the model's memory share (spilled beyond it).
+    states, tangents = model.boundary_states(), model.boundary_states()
+    hidden = [step.hidden for step in inputs]
+    tangent = [torch.zeros_like(hidden[b]) for b, _ in pairs]
+    states.append(hidden)
+    tangents.append(tangent)
+    with sdpa_kernel(SDPBackend.MATH), states, tangents:
         for i in range(len(members)):
             with model.materialized(i) as block:
                 run = _BlockFunction(block, model.block_prefix(i), members[i])
                 outputs, derivatives = [], []
                 for k, (b, s) in enumerate(pairs):
-                    out, derivative = jvp(lambda h, p, b=b: run(h, p, inputs[b]), (states[i][b], run.params),
-                                          (tangents[i][k], vectors(run, members[i], b, s)))
+                    out, derivative = jvp(lambda h, p, b=b: run(h, p, inputs[b]), (hidden[b], run.params),
+                                          (tangent[k], vectors(run, members[i], b, s)))
                     if s == 0:
                         outputs.append(out)
                     derivatives.append(derivative)
-            states.append(outputs)
-            tangents.append(derivatives)
+            hidden, tangent = outputs, derivatives
+            states.append(hidden)
+            tangents.append(tangent)
             done += 1
             ctx.progress(done, steps, "hessian_trace (streamed)")
 
@@ -205,7 +210,7 @@ def streamed_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed:
 
         grads, grad_tangents = [], []
         for k, (b, _) in enumerate(pairs):
-            g, g_tangent = jvp(grad(lambda h, b=b: head(h, b)), (states[-1][b],), (tangents[-1][k],))
+            g, g_tangent = jvp(grad(lambda h, b=b: head(h, b)), (hidden[b],), (tangent[k],))
             grads.append(g)
             grad_tangents.append(g_tangent)
         done += 1
@@ -214,13 +219,14 @@ def streamed_traces(ctx: ProfilingContext, samples: int = DEFAULT_SAMPLES, seed:
         for i in reversed(range(len(members))):
             with model.materialized(i) as block:
                 run = _BlockFunction(block, model.block_prefix(i), members[i])
+                entering, entering_tangent = states[i], tangents[i]  # read once: either may be on disk
                 for k, (b, s) in enumerate(pairs):
                     def pullback(h, p, g, b=b):
                         return vjp(lambda h, p: run(h, p, inputs[b]), h, p)[1](g)
 
                     v = vectors(run, members[i], b, s)
-                    (g_in, _), (g_in_tangent, hv) = jvp(pullback, (states[i][b], run.params, grads[k]),
-                                                        (tangents[i][k], v, grad_tangents[k]))
+                    (g_in, _), (g_in_tangent, hv) = jvp(pullback, (entering[b], run.params, grads[k]),
+                                                        (entering_tangent[k], v, grad_tangents[k]))
                     share = batches[b][:, 1:].numel() / predicted
                     for name, unit in zip(run.names, members[i]):
                         traces[index[unit.name]] += share * float((v[name] * hv[name]).sum(dtype=torch.float64))
@@ -244,25 +250,27 @@ def streamed_output_fisher(ctx: ProfilingContext, generator: torch.Generator) ->
         batches, lambda _, batch: sampled_score(log_probs_of(model.module, batch, True), generator),
         done=lambda k: ctx.progress(k, steps, "output fisher (streamed)"))
 
-    sums = [torch.zeros(u.shape[0], dtype=torch.float64) for u in units]
-    rows = [0] * len(units)
-    for i in reversed(range(len(members))):
-        with model.materialized(i), _captured_outputs(ctx, members[i]) as outputs, torch.enable_grad():
-            for b, step in enumerate(inputs):
-                hidden = states[i][b].detach().requires_grad_()
-                out = step.run(model.blocks[i], hidden)
-                names = list(outputs)
-                found = torch.autograd.grad(out, [hidden] + [outputs[n] for n in names], grad_outputs=grads[b],
-                                            allow_unused=True)
-                grads[b] = found[0]
-                for name, grad in zip(names, found[1:]):
-                    if grad is not None:  # an output the log-likelihood does not depend on: no sensitivity
-                        squares, count = channel_squares(ctx.modules[name], grad)
-                        sums[index[name]] += squares
-                        rows[index[name]] += count
-                outputs.clear()
-        del states[i + 1]
-        ctx.progress(steps - i, steps, "output fisher (streamed)")
+    with states:  # the spill files, if any, go with them
+        sums = [torch.zeros(u.shape[0], dtype=torch.float64) for u in units]
+        rows = [0] * len(units)
+        for i in reversed(range(len(members))):
+            with model.materialized(i), _captured_outputs(ctx, members[i]) as outputs, torch.enable_grad():
+                entering = states[i]  # read once: a spilled boundary comes from disk
+                for b, step in enumerate(inputs):
+                    hidden = entering[b].detach().requires_grad_()
+                    out = step.run(model.blocks[i], hidden)
+                    names = list(outputs)
+                    found = torch.autograd.grad(out, [hidden] + [outputs[n] for n in names], grad_outputs=grads[b],
+                                                allow_unused=True)
+                    grads[b] = found[0]
+                    for name, grad in zip(names, found[1:]):
+                        if grad is not None:  # an output the log-likelihood does not depend on: no sensitivity
+                            squares, count = channel_squares(ctx.modules[name], grad)
+                            sums[index[name]] += squares
+                            rows[index[name]] += count
+                    outputs.clear()
+            del states[i + 1]
+            ctx.progress(steps - i, steps, "output fisher (streamed)")
     return [(s / max(r, 1)).float() for s, r in zip(sums, rows)]
 
 
@@ -318,31 +326,33 @@ def streamed_fisher(ctx: ProfilingContext) -> np.ndarray:
                                                done=lambda k: ctx.progress(k, steps, "fisher (streamed)"))
     batched = model.block_inputs(ctx.batches())  # the Hessians' passes, batched as the whole model's
 
-    errors = np.zeros((len(ctx.weight_units), len(ctx.formats)))
-    for i in reversed(range(len(members))):
-        units = members[i]
-        names = {u.name for u in units}
-        groups = [g for g in ctx.units.tie_groups if g[0] in names]
-        with model.materialized(i) as block:
-            weights = [ctx.modules[u.name].weight for u in units]
-            squares = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-            with HessianSums(ctx.modules, units, groups) as sums, torch.no_grad():
-                for k, step in enumerate(batched):
-                    step.run(block, torch.cat(states[i][k * ctx.batch_size:(k + 1) * ctx.batch_size]))
-            with differentiable(weights):
-                for b, step in enumerate(inputs):
-                    hidden = states[i][b].detach().requires_grad_()
-                    found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights], grad_outputs=grads[b],
-                                                allow_unused=True)
-                    grads[b] = found[0]
-                    for square, grad in zip(squares, found[1:]):
-                        if grad is not None:
-                            square += grad.float() ** 2
-            diagonals = [as_matrix(ctx.modules[u.name], f / len(windows)) for u, f in zip(units, squares)]
-            cells = diagonal_errors(ctx.narrowed(UnitSet(units, groups), sums.result()), diagonals)
-            errors[[index[u.name] for u in units]] = cells
-        del states[i + 1]
-        ctx.progress(steps - i, steps, "fisher (streamed)")
+    with states:  # the spill files, if any, go with them
+        errors = np.zeros((len(ctx.weight_units), len(ctx.formats)))
+        for i in reversed(range(len(members))):
+            units = members[i]
+            names = {u.name for u in units}
+            groups = [g for g in ctx.units.tie_groups if g[0] in names]
+            with model.materialized(i) as block:
+                entering = states[i]  # read once: a spilled boundary comes from disk
+                weights = [ctx.modules[u.name].weight for u in units]
+                squares = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+                with HessianSums(ctx.modules, units, groups) as sums, torch.no_grad():
+                    for k, step in enumerate(batched):
+                        step.run(block, torch.cat(entering[k * ctx.batch_size:(k + 1) * ctx.batch_size]))
+                with differentiable(weights):
+                    for b, step in enumerate(inputs):
+                        hidden = entering[b].detach().requires_grad_()
+                        found = torch.autograd.grad(step.run(block, hidden), [hidden, *weights], grad_outputs=grads[b],
+                                                    allow_unused=True)
+                        grads[b] = found[0]
+                        for square, grad in zip(squares, found[1:]):
+                            if grad is not None:
+                                square += grad.float() ** 2
+                diagonals = [as_matrix(ctx.modules[u.name], f / len(windows)) for u, f in zip(units, squares)]
+                cells = diagonal_errors(ctx.narrowed(UnitSet(units, groups), sums.result()), diagonals)
+                errors[[index[u.name] for u in units]] = cells
+            del states[i + 1]
+            ctx.progress(steps - i, steps, "fisher (streamed)")
     return errors
 
 
