@@ -64,14 +64,20 @@ class Workspace:
     notify: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
     # The quantized cells measured search reuses from one candidate to the next (a caller that
-    # scores allocations too, like bench.quality, passes its own to share them).
-    weights: QuantizedWeights = field(default_factory=lambda: QuantizedWeights(1e9))
+    # scores allocations too, like bench.quality, passes its own to share them). By default 1 GB
+    # of them, or a streamed model's share of its memory cap: beyond it, cells are recomputed.
+    weights: QuantizedWeights | None = None
     # The options of HAWQ-V3's hessian_trace profile (its Hutchinson samples and windows).
     trace_options: dict | None = None
     # The profile's key: with it, the surrogate keeps what it measured beside the profile, for a
     # search at another budget (``pipeline.measured``); ``measured_path`` names that file once written.
     profile_key: str | None = None
     measured_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            budget = self.model.state_budget if isinstance(self.model, StreamedModel) else None
+            self.weights = QuantizedWeights(1e9 if budget is None else budget)
 
     def with_problem(self, problem: Problem) -> Workspace:
         """The same workspace posing another problem (the same profile without tie groups, say):

@@ -10,7 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from bitalloc.pipeline import JobSpec, run_job
+from bitalloc.pipeline.steps import Workspace
+from bitalloc.quant.loading import LoadPolicy
 from bitalloc.quant.profile import Profile
+from bitalloc.quant.stream import load_within
 from bitalloc.search import Budgets
 from bitalloc.service.cli import app
 from bitalloc.service.schemas import JobCreate
@@ -127,3 +130,18 @@ def test_a_streamed_descent_takes_the_whole_model_s_steps(sharded, tmp_path, zoo
     streamed = run_job(spec(str(sharded), stream=True, **descent), profile_dir=tmp_path)
     assert streamed.chosen.formats == whole.chosen.formats
     assert streamed.chosen.measured == pytest.approx(whole.chosen.measured, rel=1e-4)
+
+
+def test_a_streamed_model_caches_quantized_cells_within_its_share_of_the_memory_cap(sharded, tmp_path):
+    streamed = load_within(str(sharded), LoadPolicy(), dtype=torch.float32, device=torch.device("cpu"),
+                           max_memory=4 * 2**20)
+    work = Workspace(None, streamed, streamed.units(), None, None, tmp_path, print)  # type: ignore[arg-type]
+    cell = torch.ones(512, 1024)  # 2 MiB: more than the 1 MiB share, so it is computed again when asked again
+    calls = []
+    for _ in range(2):
+        work.weights.get(("unit", "int4_g32", "rtn"), lambda: calls.append(1) or cell)
+    assert len(calls) == 2
+    small = torch.ones(16, 16)
+    for _ in range(2):
+        work.weights.get(("small", "int4_g32", "rtn"), lambda: calls.append(1) or small)
+    assert len(calls) == 3
