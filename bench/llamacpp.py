@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from bitalloc.pipeline import JobSpec, run_job
@@ -103,7 +104,8 @@ def bitalloc_imatrix(model: LoadedModel, spec: JobSpec, names: dict[str, str], b
     units = enumerate_units(model.module, include=sorted(names), exclude=(), example_inputs=model.example_inputs)
     hessians = calibration_hessians(model.module, units, calibration)
     arch = GGUFReader(base).fields["general.architecture"].contents()
-    write_imatrix(path, hessians, hessians.tokens, names, arch=arch, dataset=calibration.source,
+    diagonals = {name: torch.diagonal(h) for name, h in hessians.items()}
+    write_imatrix(path, diagonals, hessians.tokens, names, arch=arch, dataset=calibration.source,
                   chunks=spec.samples, chunk_size=spec.seq_len)
     return path
 

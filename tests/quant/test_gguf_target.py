@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from bitalloc.quant.artifact import ArtifactError
 from bitalloc.quant.formats import get_format
 from bitalloc.quant.llamacpp import tools
-from bitalloc.quant.loading import LoadedModel
+from bitalloc.quant.loading import LoadedModel, load_model
 from bitalloc.quant.targets import BuildRequest, build_target
 from bitalloc.quant.units import weight_units
 
@@ -136,3 +136,33 @@ def test_a_gguf_build_refuses_gptq_without_calibration_and_units_llama_cpp_canno
     with pytest.raises(ArtifactError, match="does not have"):
         build_target("gguf", BuildRequest(small_llama, {"model.layers.9.mlp.up_proj": "q4_k"}, tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_streamed_model_builds_the_gguf_the_whole_model_builds(small_llama, method, tmp_path):
+    """Converted from the checkpoint itself, its imatrix summed block by block: the same tensors,
+    and an importance matrix equal to the whole model's."""
+    from bitalloc.quant.calibration import calibration_for
+    from bitalloc.quant.stream import open_streamed
+
+    folder = tmp_path / "model"
+    small_llama.module.save_pretrained(folder, max_shard_size="1MB")
+    small_llama.tokenizer.save_pretrained(folder)
+    whole = load_model(str(folder))
+    streamed = open_streamed(folder, str(folder), torch.float32, torch.device("cpu"))
+    calibration = calibration_for(whole, None, seq_len=32, count=4) if method == "gptq" else None
+    units = weight_units(whole.module, exclude=("lm_head",))
+    allocation = {unit.name: ["q4_k", "q8_0", "q6_k"][i % 3] for i, unit in enumerate(units)}
+    built = [build_target("gguf", BuildRequest(m, allocation, tmp_path / name, method=method, calibration=calibration))
+             for name, m in (("whole", whole), ("streamed", streamed))]
+
+    readers = [GGUFReader(b.path / "model.gguf") for b in built]
+    types = [{t.name: GGMLQuantizationType(t.tensor_type).name for t in r.tensors} for r in readers]
+    assert types[0] == types[1]
+    if method == "rtn":
+        assert built[0].summary["sha256"] == built[1].summary["sha256"]  # byte for byte the same file
+        return
+    imatrices = [{t.name: np.asarray(t.data) for t in GGUFReader(b.path / "imatrix.gguf").tensors} for b in built]
+    assert imatrices[0].keys() == imatrices[1].keys() and len(imatrices[0]) == 2 * len(units)
+    for name, values in imatrices[0].items():
+        np.testing.assert_allclose(imatrices[1][name], values, rtol=1e-4, err_msg=name)

@@ -22,10 +22,11 @@ MAX_TOKENS = 2 ** 24
 """llama.cpp stores a count as float32 and rounds it back: exact below this."""
 
 
-def write_imatrix(path: Path, hessians: Mapping[str, torch.Tensor], tokens: int, tensors: Mapping[str, str], *,
+def write_imatrix(path: Path, diagonals: Mapping[str, torch.Tensor], tokens: int, tensors: Mapping[str, str], *,
                   arch: str, dataset: str, chunks: int, chunk_size: int) -> None:
     """Write the entries of ``tensors`` (unit name -> GGUF tensor name, ``blk.0.attn_q.weight``)
-    from their units' ``hessians``, each summed over ``tokens`` calibration tokens (``Hessians``);
+    from the diagonals of their units' Hessians, each summed over ``tokens`` calibration tokens
+    (``Hessians``: the sum of each input's squares, which is all an importance matrix keeps);
     ``dataset``, ``chunks`` and ``chunk_size`` describe the calibration windows as llama-imatrix
     records its text, chunk count and context."""
     if not 0 < tokens < MAX_TOKENS:
@@ -37,7 +38,7 @@ def write_imatrix(path: Path, hessians: Mapping[str, torch.Tensor], tokens: int,
     writer.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
     count = np.full((1, 1), tokens, dtype=np.float32)
     for unit, tensor in sorted(tensors.items(), key=lambda item: item[1]):
-        sums = torch.diagonal(hessians[unit]).float().cpu().numpy()
+        sums = diagonals[unit].float().cpu().numpy()
         writer.add_tensor(f"{tensor}.in_sum2", sums.reshape(1, -1))  # ggml's [K, experts=1]
         writer.add_tensor(f"{tensor}.counts", count)
     writer.write_header_to_file()

@@ -86,7 +86,7 @@ def build_target(target: str, request: BuildRequest) -> Built:
 
     if target not in _BUILDERS:
         raise ArtifactError(f"target {target!r} is not one of {', '.join(TARGETS)}")
-    if isinstance(request.model, StreamedModel) and target != "bitalloc":
+    if isinstance(request.model, StreamedModel) and target == "compressed-tensors":
         raise ArtifactError(f"the {target} target needs the model held whole, and this one is streamed block by "
                             "block (its weights do not fit, or stream was asked for): build the bitalloc target, "
                             "or give a max_memory the weights fit in")

@@ -10,8 +10,10 @@ importance matrix of the job's calibration set (``--imatrix``, through the scrip
 ``LLAMA_IMATRIX``), written from the same Hessians the simulation weighs ggml's rounding by, so
 the file holds the blocks the profile simulated. The imatrix is kept beside the GGUF.
 
-The model is converted from its own folder when it has one (a local transformers folder or a
-zoo model); otherwise the loaded module is saved to a temporary folder first. KV-cache units
+The model is converted from its own folder when it has one (a local transformers folder, a zoo
+model, or a streamed model's checkpoint, which the converter reads tensor by tensor); otherwise
+the loaded module is saved to a temporary folder first. A streamed model's imatrix is summed
+block by block, so the build never holds the model whole. KV-cache units
 are runtime settings in llama.cpp (``--cache-type-k/-v``): the script that ran says them.
 """
 
@@ -23,20 +25,24 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from bitalloc.quant.artifact import ArtifactError
 from bitalloc.quant.artifact.build import check_build, staged_folder
+from bitalloc.quant.calibration import CalibrationSet
 from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.export import llama_cpp
 from bitalloc.quant.export.base import ExportError, Problems, make_request
 from bitalloc.quant.gguf_names import gguf_name
-from bitalloc.quant.hessian import calibration_hessians
+from bitalloc.quant.hessian import BlockHessians, HessianWalk, calibration_hessians
 from bitalloc.quant.llamacpp.imatrix import write_imatrix
 from bitalloc.quant.llamacpp.tools import Tools, tools
 from bitalloc.quant.loading import LoadedModel, model_folder
+from bitalloc.quant.progress import ProgressFn
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.targets import BuildRequest, Built
-from bitalloc.quant.units import enumerate_units, kv_units, weight_units
+from bitalloc.quant.units import UnitSet, enumerate_units, kv_units, weight_units
 
 GGUF = "model.gguf"
 SCRIPT = "llama-quantize.sh"
@@ -94,9 +100,10 @@ def _weight_allocation(request: BuildRequest) -> dict[str, str]:
 
 
 def convert_to_gguf(built: Tools, model: LoadedModel, work: Path, outfile: Path) -> None:
-    """``convert_hf_to_gguf.py`` to a 16-bit GGUF, on the model's own folder, or on the loaded module
-    saved to one under ``work``."""
-    folder = model_folder(model.spec)
+    """``convert_hf_to_gguf.py`` to a 16-bit GGUF, on the model's own folder (a streamed model's
+    checkpoint: the converter reads it tensor by tensor), or on the loaded module saved to one
+    under ``work``."""
+    folder = model.checkpoint.folder if isinstance(model, StreamedModel) else model_folder(model.spec)
     if folder is None:
         if not hasattr(model.module, "save_pretrained") or model.tokenizer is None:
             raise ArtifactError(f"{model.spec}: a GGUF is made from a transformers causal LM with a tokenizer")
@@ -107,19 +114,43 @@ def convert_to_gguf(built: Tools, model: LoadedModel, work: Path, outfile: Path)
 
 
 def _imatrix(request: BuildRequest, base: Path, path: Path) -> Path:
-    """llama.cpp's importance matrix of the allocated tensors, from their calibration Hessians."""
-    module, calibration = request.model.module, request.calibration
+    """llama.cpp's importance matrix of the allocated tensors, from their calibration Hessians
+    (summed block by block for a streamed model: only their diagonals outlive their block)."""
+    model, calibration = request.model, request.calibration
     tensors = {name: f"{gguf_name(name)}.weight" for name in _weight_allocation(request)}
-    units = enumerate_units(module, include=sorted(tensors), exclude=(), example_inputs=request.model.example_inputs)
-    hessians = calibration_hessians(module, units, calibration, progress=request.progress)
+    streamed = isinstance(model, StreamedModel)
+    found = {"find_groups": model.tie_groups} if streamed else {"example_inputs": model.example_inputs}
+    units = enumerate_units(model.module, include=sorted(tensors), exclude=(), **found)  # a skeleton cannot run
+    if streamed:
+        diagonals, tokens = _streamed_diagonals(model, units, calibration, request.progress)
+    else:
+        hessians = calibration_hessians(model.module, units, calibration, progress=request.progress)
+        diagonals, tokens = {name: torch.diagonal(h) for name, h in hessians.items()}, hessians.tokens
     arch = GGUFReader(base).fields[Keys.General.ARCHITECTURE].contents()
     windows = calibration.inputs.shape
     try:
-        write_imatrix(path, hessians, hessians.tokens, tensors, arch=arch, dataset=calibration.source, chunks=windows[0],
+        write_imatrix(path, diagonals, tokens, tensors, arch=arch, dataset=calibration.source, chunks=windows[0],
                       chunk_size=windows[1] if calibration.tokens else 1)
     except ValueError as exc:
         raise ArtifactError(f"gguf: {exc}") from exc
     return path
+
+
+def _streamed_diagonals(model: StreamedModel, units: UnitSet, calibration: CalibrationSet,
+                        progress: ProgressFn) -> tuple[dict[str, torch.Tensor], int]:
+    """The diagonals of the units' calibration Hessians, the calibration walking the blocks one
+    at a time, and the token count they sum over."""
+    walk = HessianWalk(model, BlockHessians(units, calibration))
+    diagonals: dict[str, torch.Tensor] = {}
+    for index in range(len(model.blocks)):
+        with model.materialized(index) as block:
+            diagonals |= {name: torch.diagonal(h).clone() for name, h in walk.step(index, block).items()}
+        progress(index + 1, len(model.blocks), "imatrix")
+    outside = [u.name for u in units.weights if u.name not in diagonals]
+    if outside:
+        raise ArtifactError(f"gguf: {outside[0]} lies outside the decoder blocks, and a streamed model's "
+                            "importance matrix is summed block by block: leave it 16-bit")
+    return diagonals, calibration.samples
 
 
 def _quantize(built: Tools, script: Path, base: Path, outfile: Path, imatrix: Path | None) -> None:
