@@ -191,3 +191,36 @@ def test_an_existing_folder_is_kept_unless_overwriting_is_allowed(tiny_llama, tm
         write_checkpoint(tiny_llama, ALLOCATION, out)
     assert (out / "keep.txt").read_text() == "mine"
     assert write_checkpoint(tiny_llama, ALLOCATION, out, overwrite=True).path == out and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_streamed_model_writes_the_whole_model_s_tensors_one_shard_per_block(tiny_llama, method, tmp_path):
+    from bitalloc.quant.stream import open_streamed
+
+    folder = tmp_path / "model"
+    tiny_llama.module.save_pretrained(folder, max_shard_size="100KB")
+    tiny_llama.tokenizer.save_pretrained(folder)
+    streamed = open_streamed(folder, str(folder), torch.float32, torch.device("cpu"))
+    calibration = calibration_tokens(tiny_llama.tokenizer, "zoo:evaluation", seq_len=32, count=4)
+    options = {"method": method, "calibration": calibration if method == "gptq" else None}
+    written = [write_checkpoint(m, ALLOCATION, tmp_path / name, **options)
+               for name, m in (("whole", tiny_llama), ("streamed", streamed))]
+    index = json.loads((written[1].path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert written[0].quantization_config == written[1].quantization_config
+
+    def tensors(path):
+        found = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found |= {name: f.get_tensor(name) for name in f.keys()}
+        return found
+
+    whole, streamed_tensors = tensors(written[0].path), tensors(written[1].path)
+    assert whole.keys() == streamed_tensors.keys()
+    for name, t in whole.items():
+        if method == "rtn":
+            assert torch.equal(streamed_tensors[name], t), name
+        else:  # GPTQ's Hessians summed block by block round like the whole model's, to the last code
+            torch.testing.assert_close(streamed_tensors[name].float(), t.float(), rtol=1e-3, atol=1e-3, msg=name)
+    assert load(written[1].path)(tokens(tiny_llama)[:1]).logits.isfinite().all()

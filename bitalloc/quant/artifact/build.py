@@ -14,8 +14,9 @@ import importlib.metadata
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -67,7 +68,7 @@ def build_artifact(
     streamed = isinstance(model, StreamedModel)
     if not streamed:
         hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
-    parts = (_streamed_parts(model, units, rest, method, calibration, progress) if streamed
+    parts = (streamed_parts(model, units, rest, method, calibration, progress) if streamed
              else [_part(units, rest, method, hessians, progress)])
 
     records: dict[str, dict] = {}
@@ -102,6 +103,7 @@ def build_artifact(
 
 Part = tuple[dict[str, torch.Tensor], dict[str, dict], int]
 """One weights file's tensors, the records of the units it holds, and its unquantized bytes."""
+P = TypeVar("P")
 
 
 def _part(units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tensor], method: Method,
@@ -118,15 +120,18 @@ def _part(units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tens
     return part, records, sum(t.numel() * t.element_size() for t in rest.values())
 
 
-def _streamed_parts(model: StreamedModel, units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tensor],
-                    method: Method, calibration: CalibrationSet | None, progress: ProgressFn) -> Iterator[Part]:
+def streamed_parts(model: StreamedModel, units: dict[str, tuple[nn.Module, Format]], rest: dict[str, torch.Tensor],
+                   method: Method, calibration: CalibrationSet | None, progress: ProgressFn,
+                   part: Callable[..., P] = _part) -> Iterator[P]:
     """A streamed model's weights file by file: what lies outside the blocks first, then each block
     read from the checkpoint, its units quantized (GPTQ's Hessians summed from the calibration
-    batches walking through the unquantized blocks) and written before the next is read."""
+    batches walking through the unquantized blocks) and written before the next is read. ``part``
+    turns each file's units and unquantized tensors into what the target writes (``_part``'s
+    arguments; bitalloc's packed weights by default)."""
     prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
     outside_units = {n: u for n, u in units.items() if not n.startswith(tuple(prefixes))}
-    yield _part(outside_units, {n: t for n, t in rest.items() if not n.startswith(tuple(prefixes))}, method, {},
-                progress, 0, len(units))
+    yield part(outside_units, {n: t for n, t in rest.items() if not n.startswith(tuple(prefixes))}, method, {},
+               progress, 0, len(units))
     walk = None
     if calibration is not None and any(uses_gptq(fmt, method) for _, fmt in units.values()):
         walk = HessianWalk(model, BlockHessians(model.units(), calibration))
@@ -137,7 +142,7 @@ def _streamed_parts(model: StreamedModel, units: dict[str, tuple[nn.Module, Form
             block_units = {n: u for n, u in units.items() if n.startswith(prefix)}
             block_rest = {f"{prefix}{n}": t for n, t in block.state_dict(keep_vars=True).items()
                           if f"{prefix}{n}" in rest}
-            yield _part(block_units, block_rest, method, hessians, progress, done, len(units))
+            yield part(block_units, block_rest, method, hessians, progress, done, len(units))
             done += len(block_units)
 
 

@@ -5,7 +5,8 @@ The folder is a Hugging Face model folder:
 * ``config.json`` with the ``quantization_config`` of ``quant.export.compressed_tensors`` (one
   config group per format, exact targets, 16-bit units ignored), written by compressed-tensors'
   own ``ModelCompressor.update_config`` with ``quantization_status: compressed``;
-* ``model.safetensors`` (shards of at most ``MAX_SHARD`` and their index when larger): each
+* ``model.safetensors`` (shards of at most ``MAX_SHARD`` and their index when larger; a streamed
+  model's, one shard per decoder block, written while the block is read): each
   quantized unit as compressed-tensors' compressors store it, ``pack-quantized`` integers
   (``weight_packed`` int32, ``weight_scale``, ``weight_shape``) and ``naive-quantized`` FP8
   (``weight`` float8_e4m3fn, ``weight_scale``: what compressed-tensors infers for weight-only
@@ -39,8 +40,9 @@ differ; the symmetric format of the same width and group stores exactly.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,7 @@ from bitalloc.quant.artifact.build import (
     resolve_units,
     save_model_files,
     staged_folder,
+    streamed_parts,
     unquantized_tensors,
 )
 from bitalloc.quant.artifact.manifest import ArtifactError
@@ -66,6 +69,7 @@ from bitalloc.quant.formats import Format, IntFormat, get_format
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method, quantize
+from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import enumerate_units
 
 if TYPE_CHECKING:
@@ -133,27 +137,39 @@ def write_checkpoint(
     units, kv_cache = resolve_units(model, allocation)
     config = _quantization_config(model, units, kv_cache)
     rest, _ = unquantized_tensors(model.module, {f"{name}.weight" for name in units})
-    hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
+    part = functools.partial(_tensors, _schemes(config))
+    if isinstance(model, StreamedModel):
+        parts: Iterable[dict[str, torch.Tensor]] = streamed_parts(model, units, rest, method, calibration, progress, part)
+        path, files = _write(out, parts, model, config, len(model.blocks) + 1)
+    else:
+        hessians = gptq_hessians(model, units, method, calibration, hessians, progress)
+        path, files = _write(out, [part(units, rest, method, hessians, progress)], model, config)
+    return Checkpoint(path, config, files)
 
-    schemes = _schemes(config)
+
+def _tensors(schemes: Mapping[str, QuantizationScheme], units: Mapping[str, tuple[nn.Module, Format]],
+             rest: Mapping[str, torch.Tensor], method: Method, hessians: Mapping[str, torch.Tensor],
+             progress: ProgressFn, done: int = 0, total: int | None = None) -> dict[str, torch.Tensor]:
+    """``units`` as compressed-tensors stores them (16-bit ones in their dtype), with the
+    unquantized tensors ``rest``: one weights file's tensors."""
     tensors: dict[str, torch.Tensor] = {}
-    for done, (name, (module, fmt)) in enumerate(units.items(), 1):
+    for count, (name, (module, fmt)) in enumerate(units.items(), done + 1):
         weight = module.weight.detach()
         if fmt.is_keep:
             tensors[f"{name}.weight"] = weight.to(fmt.dtype)
         else:
             stored = _compressed(name, weight, fmt, schemes[name], method, hessians.get(name))
             tensors.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
-        progress(done, len(units), "quantize")
-    tensors = {name: t.detach().cpu().contiguous() for name, t in {**tensors, **rest}.items()}
-    path, files = _write(out, tensors, model, config)
-    return Checkpoint(path, config, files)
+        progress(count, total or len(units), "quantize")
+    return {name: t.detach().cpu().contiguous() for name, t in {**tensors, **rest}.items()}
 
 
 def _quantization_config(model: LoadedModel, units: Mapping[str, tuple[nn.Module, Format]],
                          kv_cache: Mapping[str, str]) -> dict[str, Any]:
     """The export's ``quantization_config`` for the allocation, once vLLM can run every unit of it."""
-    found = enumerate_units(model.module, example_inputs=model.example_inputs, kv_cache=bool(kv_cache))
+    groups = ({"find_groups": model.tie_groups} if isinstance(model, StreamedModel)  # a skeleton cannot run
+              else {"example_inputs": model.example_inputs})
+    found = enumerate_units(model.module, kv_cache=bool(kv_cache), **groups)
     block_units = {unit.name for unit in found.weights}
     formats = {name: units[name][1] if name in units else LEFT_OUT for name in block_units}
     formats.update({name: get_format(format_name) for name, format_name in kv_cache.items()})
@@ -231,9 +247,12 @@ def _compressed(name: str, weight: torch.Tensor, fmt: Format, scheme: Quantizati
     return stored
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel,
-           config: dict[str, Any]) -> tuple[Path, dict[str, int]]:
-    """Stage the folder (shards, config with its quantization_config, tokenizer), then rename it into place."""
+def _write(out: Path, parts: Iterable[dict[str, torch.Tensor]], model: LoadedModel, config: dict[str, Any],
+           count: int | None = None) -> tuple[Path, dict[str, int]]:
+    """Stage the folder (shards, config with its quantization_config, tokenizer), then rename it
+    into place. One part (a model held whole) is split into shards of ``MAX_SHARD``; ``count``
+    parts (a streamed model's, one per block and one for what lies outside) are a shard each,
+    written as they come."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -243,12 +262,21 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], model: LoadedModel,
         ModelCompressor(quantization_config=QuantizationConfig.model_validate(config)).update_config(str(staging))
         # safetensors writes owner-only files; a runtime serving as another user must read them like the config
         mode = (staging / "config.json").stat().st_mode & 0o777
-        split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
-        for filename, names in split.filename_to_tensors.items():
-            save_file({name: tensors[name] for name in names}, staging / filename, metadata={"format": "pt"})
-            (staging / filename).chmod(mode)
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        weight_map: dict[str, str] = {}
+        total = 0
+        for index, tensors in enumerate(parts):
+            if count is None:
+                split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
+                shards = split.filename_to_tensors if split.is_sharded else {"model.safetensors": list(tensors)}
+            else:
+                shards = {f"model-{index + 1:05d}-of-{count:05d}.safetensors": list(tensors)}
+            for filename, names in shards.items():
+                save_file({name: tensors[name] for name in names}, staging / filename, metadata={"format": "pt"})
+                (staging / filename).chmod(mode)
+                weight_map |= dict.fromkeys(names, filename)
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
     return out, files

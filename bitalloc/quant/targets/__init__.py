@@ -82,12 +82,7 @@ _BUILDERS: dict[str, Callable[[BuildRequest], Built]] = {"bitalloc": _bitalloc, 
 def build_target(target: str, request: BuildRequest) -> Built:
     """Write ``request``'s model, quantized as its allocation, in the form ``target`` names."""
     from bitalloc.quant.artifact import ArtifactError
-    from bitalloc.quant.stream import StreamedModel
 
     if target not in _BUILDERS:
         raise ArtifactError(f"target {target!r} is not one of {', '.join(TARGETS)}")
-    if isinstance(request.model, StreamedModel) and target == "compressed-tensors":
-        raise ArtifactError(f"the {target} target needs the model held whole, and this one is streamed block by "
-                            "block (its weights do not fit, or stream was asked for): build the bitalloc target, "
-                            "or give a max_memory the weights fit in")
     return _BUILDERS[target](request)
