@@ -22,7 +22,7 @@ from bitalloc.quant.quantizers import importance_matrix
 from bitalloc.quant.units import Unit, UnitSet, is_transposed_conv1d
 
 if TYPE_CHECKING:
-    from bitalloc.quant.stream import StreamedModel
+    from bitalloc.quant.stream import BlockInputs, StreamedModel
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +153,29 @@ class HessianWalk:
             if (index := model.block_of(unit.name)) is not None:
                 self.members.setdefault(index, []).append(unit)
 
+    @property
+    def entering(self) -> list[torch.Tensor]:
+        """The calibration hidden states entering the next block ``step`` runs (one per batch)."""
+        return [step.hidden for step in self.inputs]
+
     def step(self, index: int, block: nn.Module) -> Hessians:
+        hessians, self.inputs = self._run(index, block, self.inputs)
+        return hessians
+
+    def again(self, index: int, block: nn.Module, entering: list[torch.Tensor]) -> Hessians:
+        """Block ``index``'s Hessians once more, from the calibration states that entered it
+        (``entering`` as it was before its ``step``): for a second pass over the block, such as
+        a backward walk, without holding every block's Hessians in between."""
+        hessians, _ = self._run(index, block, [step.with_hidden(h) for step, h in zip(self.inputs, entering)])
+        return hessians
+
+    def _run(self, index: int, block: nn.Module, inputs: list[BlockInputs]) -> tuple[Hessians, list[BlockInputs]]:
         units = self.members.get(index, [])
         names = {u.name for u in units}
         groups = [g for g in self.source.units.tie_groups if g[0] in names]
         with HessianSums(self.modules, units, groups) as sums, torch.no_grad():
-            self.inputs = [step.with_hidden(step.run(block)) for step in self.inputs]
-        return Hessians(sums.result(), self.source.calibration.samples)
+            outputs = [step.with_hidden(step.run(block)) for step in inputs]
+        return Hessians(sums.result(), self.source.calibration.samples), outputs
 
 
 def calibration_hessians(model: nn.Module, units: UnitSet, calibration: CalibrationSet, *,

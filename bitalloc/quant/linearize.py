@@ -18,14 +18,15 @@ with ``a`` the unit's format in the allocation (so ``linear[i, a] = 0``). ``sear
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from bitalloc.quant.evaluate import Assignment, Evaluator, kl_sum
 from bitalloc.quant.execution import logits, model_logits
-from bitalloc.quant.hessian import Hessians
+from bitalloc.quant.hessian import BlockHessians, Hessians, HessianWalk
 from bitalloc.quant.kv_sim import kv_applied
 from bitalloc.quant.metrics.fisher_mse import frozen
 from bitalloc.quant.quantizers import Method
@@ -46,7 +47,7 @@ class KLGradient:
 
     def __init__(self, evaluator: Evaluator, unit_names: Sequence[str], format_names: Sequence[str],
                  allowed: np.ndarray, *, method: Method = "rtn",
-                 hessians: Hessians | None = None) -> None:
+                 hessians: Hessians | BlockHessians | None = None) -> None:
         self.evaluator, self.method, self.hessians = evaluator, method, hessians
         self.unit_names, self.format_names, self.allowed = list(unit_names), list(format_names), allowed
         modules = dict(evaluator.model.module.named_modules())
@@ -85,17 +86,19 @@ class KLGradient:
             self._fill(cells, name, grad, allocation)
         return cells
 
-    def _fill(self, cells: np.ndarray, name: str, grad: torch.Tensor, allocation: Mapping[str, str]) -> None:
+    def _fill(self, cells: np.ndarray, name: str, grad: torch.Tensor, allocation: Mapping[str, str],
+              hessians: Hessians | None = None) -> None:
         """Unit ``name``'s row: its gradient dotted with each allowed format's weight change (the
-        module holds the unit's 16-bit weight)."""
+        module holds the unit's 16-bit weight); GPTQ's ``hessians`` are its block's when streamed."""
         i = self.unit_names.index(name)
         cache = self.evaluator.weights
+        hessians = self.hessians if hessians is None else hessians
         weight = weight_matrix(self.modules[name]).detach()
         grad = grad.float()
-        here = simulated(weight, name, allocation[name], self.method, self.hessians, cache)
+        here = simulated(weight, name, allocation[name], self.method, hessians, cache)
         for j, format_name in enumerate(self.format_names):
             if self.allowed[i, j] and format_name != allocation[name]:
-                there = simulated(weight, name, format_name, self.method, self.hessians, cache)
+                there = simulated(weight, name, format_name, self.method, hessians, cache)
                 cells[i, j] = float((grad * (there - here)).sum(dtype=torch.float64))
 
     def _streamed(self, allocation: Mapping[str, str]) -> np.ndarray:
@@ -103,12 +106,14 @@ class KLGradient:
         block, keeping the boundary states, the KL's gradient in the last hidden states, then back
         down the blocks, each run again (quantized) from its input state so that one
         ``autograd.grad`` gives its units' weight gradients, which fill their rows while the block
-        is read, and the gradient handed below. GPTQ's Hessians would need a calibration walk
-        beside both passes, which is not done: it is refused."""
-        if self.method == "gptq":
-            raise ValueError("descent's KL gradient on a model streamed block by block is measured with RTN "
-                             "cells only: give a --max-memory the weights fit in, or method rtn")
+        is read, and the gradient handed below. Under GPTQ the calibration windows walk the
+        unquantized blocks beside the forward pass, each block's Hessians summed just before it
+        is quantized; the calibration states entering each block are kept too (spilled like the
+        boundary states), so the backward pass sums the block's Hessians again instead of holding
+        every block's."""
         model: StreamedModel = self.evaluator.model  # type: ignore[assignment]
+        walk = HessianWalk(model, self.hessians) if isinstance(self.hessians, BlockHessians) else None
+        calibration = model.boundary_states()
         batches = self.evaluator.batches()
         positions = sum(batch[:, 1:].numel() for batch in batches)
         prefixes = [model.block_prefix(i) for i in range(len(model.blocks))]
@@ -121,18 +126,27 @@ class KLGradient:
         def loss(b: int, batch: torch.Tensor) -> torch.Tensor:
             return kl_sum(references[b], torch.log_softmax(model_logits(model.module, batch)[:, :-1], dim=-1)) / positions
 
-        with kv_applied(model, allocation):
-            inputs, states, grads = model.walk_to_head(
-                batches, loss, lambda i, block: applied(model, of_block(i), method=self.method, cache=self.evaluator.weights))
+        @contextlib.contextmanager
+        def quantized(index: int, block: nn.Module, hessians: Hessians | None = None) -> Iterator[Hessians | None]:
+            """Block ``index`` (read, still 16-bit) quantized as the allocation says; under GPTQ its
+            Hessians come from the calibration walk (the first pass) or are given (the second)."""
+            if walk is not None and hessians is None:
+                calibration.append(walk.entering)
+                hessians = walk.step(index, block)
+            with applied(model, of_block(index), method=self.method, hessians=hessians, cache=self.evaluator.weights):
+                yield hessians
+
+        with kv_applied(model, allocation), calibration:
+            inputs, states, grads = model.walk_to_head(batches, loss, quantized)
             with states:  # the spill files, if any, go with them
                 for i in reversed(range(len(model.blocks))):
                     units = of_block(i)
                     with model.materialized(i) as block:
                         entering = states[i]  # read once: a spilled boundary comes from disk
+                        hessians = walk.again(i, block, calibration[i]) if walk is not None else None
                         weights = {name: self.modules[name].weight for name in units}
                         sums = {name: torch.zeros_like(w) for name, w in weights.items()}
-                        with applied(model, units, method=self.method, cache=self.evaluator.weights), \
-                                frozen(model.module):
+                        with quantized(i, block, hessians), frozen(model.module):
                             for w in weights.values():
                                 w.requires_grad_(True)
                             for b, step in enumerate(inputs):
@@ -144,6 +158,8 @@ class KLGradient:
                                     if grad is not None:
                                         total += grad
                         for name, total in sums.items():  # the block's 16-bit weights are back
-                            self._fill(cells, name, as_matrix(self.modules[name], total), allocation)
+                            self._fill(cells, name, as_matrix(self.modules[name], total), allocation, hessians)
                     del states[i + 1]
+                    if walk is not None:
+                        del calibration[i]
         return cells

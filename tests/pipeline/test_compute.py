@@ -87,8 +87,9 @@ def test_a_streamed_accuracy_target_finds_the_whole_model_s_point(sharded, tmp_p
 def test_a_streamed_job_refuses_what_runs_the_whole_model(sharded, tmp_path, zoo):
     with pytest.raises(ValueError, match="metric 'fisher' walks the whole model"):
         run_job(spec(str(sharded), metric="fisher", stream=True, shards=2), profile_dir=tmp_path)
-    with pytest.raises(ValueError, match="descend with gptq need"):
-        run_job(spec(str(sharded), descend=2, method="gptq", stream=True), profile_dir=tmp_path)
+    with pytest.raises(ValueError, match="baseline need"):
+        run_job(spec(str(sharded), baseline="nncf:int2_g32/int8_g32", budgets=Budgets(max_avg_bits=4.0), stream=True),
+                profile_dir=tmp_path)
 
 
 @pytest.mark.slow
@@ -123,9 +124,11 @@ def test_cli_profile_streams_under_a_memory_cap_and_refuses_cuda_without_it(shar
 
 
 @pytest.mark.slow
-def test_a_streamed_descent_takes_the_whole_model_s_steps(sharded, tmp_path, zoo):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_streamed_descent_takes_the_whole_model_s_steps(sharded, tmp_path, zoo, method):
     """Descent's KL gradient streams block by block: the same steps, the same measured point."""
-    descent = dict(metric="fisher_mse", descend=2, fitness_windows=2, gradient_windows=2, evaluation=None)
+    descent = dict(metric="fisher_mse", descend=2, fitness_windows=2, gradient_windows=2, evaluation=None,
+                   method=method)
     whole = run_job(spec(str(sharded), **descent), profile_dir=tmp_path)
     streamed = run_job(spec(str(sharded), stream=True, **descent), profile_dir=tmp_path)
     assert streamed.chosen.formats == whole.chosen.formats

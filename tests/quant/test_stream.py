@@ -388,26 +388,35 @@ def test_a_streamed_build_writes_the_whole_model_s_artifact_block_by_block(shard
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
 
 
-def test_descent_s_kl_gradient_streams_block_by_block_as_the_whole_model_s(sharded, calibration):
+@pytest.mark.parametrize("method, budget", [("rtn", None), ("gptq", None), ("gptq", 0)])
+def test_descent_s_kl_gradient_streams_block_by_block_as_the_whole_model_s(sharded, calibration, method, budget,
+                                                                            tmp_path, monkeypatch):
     """``KLGradient`` on a streamed model: forward quantized block by block, back down the blocks,
-    each block's rows filled while it is read; the whole model's cells within 1e-4."""
+    each block's rows filled while it is read (under GPTQ, each block's Hessians summed from the
+    calibration walking beside, and again from its kept states on the way back, spilled or not);
+    the whole model's cells within 1e-4."""
     from types import SimpleNamespace
 
     from bitalloc.quant.evaluate import Evaluator
+    from bitalloc.quant.hessian import BlockHessians, calibration_hessians
     from bitalloc.quant.linearize import KLGradient
 
+    monkeypatch.setenv("BITALLOC_SPILL_DIR", str(tmp_path))
     whole = load_model(str(sharded))
     streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    streamed.state_budget = budget
     names = [u.name for u in whole.units().weights]
     formats = [f.name for f in FORMATS]
     allocation = SimpleNamespace(formats={name: formats[i % 2] for i, name in enumerate(names)})
     allowed = np.ones((len(names), len(formats)), bool)
-    cells = [KLGradient(Evaluator(model, calibration.head(3), batch_size=2), names, formats, allowed)(allocation)
-             for model in (whole, streamed)]
+    short = calibration.head(4)
+    hessians = ([calibration_hessians(whole.module, whole.units(), short), BlockHessians(streamed.units(), short)]
+                if method == "gptq" else [None, None])
+    cells = [KLGradient(Evaluator(model, calibration.head(3), batch_size=2), names, formats, allowed, method=method,
+                        hessians=h)(allocation) for model, h in zip((whole, streamed), hessians)]
     assert np.abs(cells[0]).max() > 0
     np.testing.assert_allclose(cells[1], cells[0], rtol=1e-4, atol=1e-4 * np.abs(cells[0]).max())
-    with pytest.raises(ValueError, match="RTN cells only"):
-        KLGradient(Evaluator(streamed, calibration.head(1)), names, formats, allowed, method="gptq")(allocation)
+    assert not any(tmp_path.rglob("*.safetensors"))
 
 
 @pytest.mark.parametrize("metric, options", [("fisher_mse", {"fisher_seed": 5}), ("fisher", None),
