@@ -64,21 +64,13 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
 
 
 def check_streamed(spec: JobSpec, why: str) -> None:
-    """Refuse, before any profiling, what a job cannot do on a model streamed block by block yet
-    (``why`` it streams: asked for, or its weights do not fit): metrics that need the whole model,
-    and NNCF's activation statistics. Scoring the model forward (the evaluation, the accuracy
-    target, the surrogate, refinement) and descent's gradient stream like the profile, GPTQ's
-    Hessians summed block by block as they go."""
+    """Refuse, before any profiling, what a job cannot do on a model streamed block by block
+    (``why`` it streams: asked for, or its weights do not fit): a metric with no streamed form,
+    or shards of one that walks the whole model. Everything else streams like the profile."""
     try:
         check_streamable(spec.metric, spec.shards)
     except ValueError as exc:
         raise ValueError(f"the model is streamed block by block ({why}), and {exc}") from exc
-    whole_model = {"baseline": (spec.baseline or "").startswith("nncf")}
-    asked = [name for name, wanted in whole_model.items() if wanted]
-    if asked:
-        raise ValueError(f"the model is streamed block by block ({why}), and {', '.join(asked)} need(s) the whole "
-                         "model at once, which cannot be done streamed yet: give a --max-memory the weights fit in, "
-                         "or leave them out")
 
 
 def run_job(spec: JobSpec, *, profile_dir: Path, policy: LoadPolicy = LoadPolicy(),

@@ -34,7 +34,7 @@ from bitalloc.quant.hessian import BlockHessians, Hessians, calibration_hessians
 from bitalloc.quant.linearize import KLGradient
 from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.profile import ProfileCache
-from bitalloc.quant.sensitivity import nncf_scores
+from bitalloc.quant.sensitivity import nncf_scores, streamed_nncf_scores
 from bitalloc.quant.simulation import QuantizedWeights
 from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.units import UnitSet
@@ -177,7 +177,10 @@ class Baseline(Step):
             raise ValueError(f"baseline {spec.baseline!r} names formats {unknown} that are not among the job's formats")
 
         def scores() -> dict[str, float]:
-            return nncf_scores(work.model.module, work.units.weights, batches=work.calibration.batches(4))
+            batches = work.calibration.batches(4)
+            if isinstance(work.model, StreamedModel):
+                return streamed_nncf_scores(work.model, work.units.weights, batches)
+            return nncf_scores(work.model.module, work.units.weights, batches=batches)
 
         return named_baseline(request, work.problem, work.units.units, spec.budgets.max_avg_bits,
                               trace_problem=lambda: work.trace_problem, scores=scores)

@@ -27,8 +27,10 @@ activation over all calibration tokens (what the aggregator's comment intends).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +38,9 @@ from torch import nn
 from bitalloc.quant.device import module_device, to_device
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.units import Unit, is_transposed_conv1d, weight_matrix
+
+if TYPE_CHECKING:
+    from bitalloc.quant.stream import StreamedModel
 
 CRITERIA = ("weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
             "max_activation_variance", "mean_activation_magnitude")
@@ -122,38 +127,48 @@ def activation_statistics(model: nn.Module, units: Sequence[Unit], batches: Iter
     """NNCF's input statistics of every weight unit over the first ``subset_size`` samples."""
     modules = dict(model.named_modules())
     names = [u.name for u in units if u.kind == "weight"]
-    collectors = {name: _Collector() for name in names}
-    taken = {"samples": 0}
-    limit = subset_size
+    batches = list(batches)
+    taken = 0
+    with recording(modules, names, subset_size) as collectors, torch.no_grad():
+        for i, batch in enumerate(batches):
+            if subset_size is not None and taken >= subset_size:
+                break
+            batch = to_device(batch, module_device(model))
+            model(**batch) if isinstance(batch, dict) else model(batch)
+            first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+            taken += len(first)
+            if progress:
+                progress(i + 1, len(batches), "nncf statistics")
+    return {name: c.stats() for name, c in collectors.items()}
 
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple) -> None:
-            for i, sample in enumerate(_samples(args[0].detach())):
-                if limit is None or taken["samples"] + i < limit:
-                    collectors[name].add(sample)
-        return record
 
+@contextlib.contextmanager
+def recording(modules: Mapping[str, nn.Module], names: Sequence[str],
+              subset_size: int | None = SUBSET_SIZE) -> Iterator[dict[str, _Collector]]:
+    """Hooks that gather NNCF's input statistics of the units ``names`` while the model runs, each
+    over the first ``subset_size`` samples it is handed (every unit sees the batches in the same
+    order, so a model run whole or block by block gathers the same samples)."""
     for name in names:
         if not (isinstance(modules[name], nn.Linear) or is_transposed_conv1d(modules[name])):
             raise ValueError(f"{name}: NNCF's data-aware criteria are defined for MatMul (Linear) layers only, "
                              f"not {type(modules[name]).__name__}")
+    collectors = {name: _Collector() for name in names}
+    seen = dict.fromkeys(names, 0)
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            for sample in _samples(args[0].detach()):
+                if subset_size is None or seen[name] < subset_size:
+                    collectors[name].add(sample)
+                seen[name] += 1
+        return record
+
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
-    batches = list(batches)
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if limit is not None and taken["samples"] >= limit:
-                    break
-                batch = to_device(batch, module_device(model))
-                model(**batch) if isinstance(batch, dict) else model(batch)
-                first = next(iter(batch.values())) if isinstance(batch, dict) else batch
-                taken["samples"] += len(first)
-                if progress:
-                    progress(i + 1, len(batches), "nncf statistics")
+        yield collectors
     finally:
         for handle in handles:
             handle.remove()
-    return {name: c.stats() for name, c in collectors.items()}
 
 
 def hessian_activation_from_hessian(hessian: torch.Tensor, tokens: int) -> float:
@@ -212,3 +227,42 @@ def nncf_scores(model: nn.Module, units: Sequence[Unit], criterion: str = DEFAUL
     with torch.no_grad():
         return {u.name: nncf_score(weight_matrix(modules[u.name]).detach(), criterion, activation.get(u.name))
                 for u in weights}
+
+
+def streamed_nncf_scores(model: StreamedModel, units: Sequence[Unit], batches: Sequence[torch.Tensor],
+                         criterion: str = DEFAULT_WITH_DATA, *, subset_size: int | None = SUBSET_SIZE,
+                         progress: ProgressFn | None = None) -> dict[str, float]:
+    """:func:`nncf_scores` of a model streamed block by block (``quant.stream``): each block's
+    units gather their input statistics while the calibration batches walk through it and are
+    scored while its weights are read; units after the blocks (the head) see the last hidden
+    states through the model's own final layers."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: unknown NNCF sensitivity metric {criterion!r}; known: {', '.join(CRITERIA)}")
+    modules = dict(model.module.named_modules())
+    members: dict[int | None, list[str]] = {}
+    for unit in units:
+        if unit.kind == "weight":
+            members.setdefault(model.block_of(unit.name), []).append(unit.name)
+    data = criterion != DATA_FREE
+    scores: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def scored(names: list[str]) -> Iterator[None]:
+        with recording(modules, names if data else [], subset_size) as collectors:
+            yield
+        with torch.no_grad():
+            scores.update({name: nncf_score(weight_matrix(modules[name]).detach(), criterion,
+                                            collectors[name].stats() if data else None) for name in names})
+
+    def visit(index: int, _block: nn.Module) -> contextlib.AbstractContextManager:
+        if progress:
+            progress(index, len(model.blocks), "nncf statistics")
+        return scored(members.get(index, []))
+
+    last = model.walk(list(batches), visit)
+    if members.get(None):
+        with scored(members[None]), torch.no_grad():
+            for batch, step in zip(batches, last):
+                with model.bypassed(step.hidden):
+                    model.module(batch.to(model.device))
+    return scores

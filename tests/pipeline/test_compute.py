@@ -87,9 +87,14 @@ def test_a_streamed_accuracy_target_finds_the_whole_model_s_point(sharded, tmp_p
 def test_a_streamed_job_refuses_what_runs_the_whole_model(sharded, tmp_path, zoo):
     with pytest.raises(ValueError, match="metric 'fisher' walks the whole model"):
         run_job(spec(str(sharded), metric="fisher", stream=True, shards=2), profile_dir=tmp_path)
-    with pytest.raises(ValueError, match="baseline need"):
-        run_job(spec(str(sharded), baseline="nncf:int2_g32/int8_g32", budgets=Budgets(max_avg_bits=4.0), stream=True),
-                profile_dir=tmp_path)
+
+
+def test_a_streamed_nncf_baseline_is_the_whole_model_s(sharded, tmp_path, zoo):
+    nncf = dict(baseline="nncf:int2_g32/int8_g32", budgets=Budgets(max_avg_bits=4.0), evaluation=None)
+    whole = run_job(spec(str(sharded), **nncf), profile_dir=tmp_path)
+    streamed = run_job(spec(str(sharded), stream=True, **nncf), profile_dir=tmp_path)
+    assert streamed.chosen.formats == whole.chosen.formats
+    assert len(set(whole.chosen.formats.values())) == 2
 
 
 @pytest.mark.slow

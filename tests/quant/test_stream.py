@@ -449,3 +449,20 @@ def test_boundary_states_beyond_the_budget_spill_to_disk_and_give_the_same_cells
 def test_load_within_holds_boundary_states_to_a_share_of_the_memory_cap(sharded):
     streamed = load_within(str(sharded), LoadPolicy(), dtype=torch.float32, device=CPU, max_memory=4 * 2**20)
     assert isinstance(streamed, StreamedModel) and streamed.state_budget == 2**20
+
+
+@pytest.mark.parametrize("criterion", ["max_activation_variance", "hessian_input_activation", "weight_quantization_error"])
+def test_nncf_scores_of_a_streamed_model_are_the_whole_model_s(sharded, calibration, criterion):
+    """Each block's statistics gathered as the calibration walks through it, the head's from the
+    last hidden states, over the same first samples (a subset smaller than the windows)."""
+    from bitalloc.quant.sensitivity import nncf_scores, streamed_nncf_scores
+
+    whole = load_model(str(sharded))
+    streamed = open_streamed(sharded, str(sharded), torch.float32, CPU)
+    units = whole.units().weights
+    batches = calibration.batches(4)
+    expected = nncf_scores(whole.module, units, criterion, batches=batches, subset_size=5)
+    found = streamed_nncf_scores(streamed, units, batches, criterion, subset_size=5)
+    assert found.keys() == expected.keys() and len(set(expected.values())) > 1
+    for name, value in expected.items():
+        assert found[name] == pytest.approx(value, rel=1e-5), name
