@@ -234,6 +234,10 @@ class Surrogate(Step):
 
     rounds: int
     initial: int = 24  # allocations measured before the first fit
+    # The paired tests' level; None takes the lower mean (no guarantee against the start: for a
+    # bench's oracle that selects on the very windows it is judged on, never for a job).
+    confidence: float | None = 0.95
+    patience: int = 2  # rounds in a row that find nothing lower before the search stops
     name = "surrogate"
 
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
@@ -247,7 +251,9 @@ class Surrogate(Step):
         measured = {} if store is None else store.load(problem)
         solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
                             blocks=[blocks[name] for name in problem.unit_names], rounds=self.rounds,
-                            initial=self.initial, seed=work.spec.seed, measured=measured)
+                            initial=self.initial, confidence=self.confidence, patience=self.patience,
+                            seed=work.spec.seed,
+                            measured=measured)
         found = solver.solve(problem, within)
         if store is not None:
             work.measured_path = store.save(measured, problem)
