@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+
 from bitalloc.pipeline.baselines import BaselineRequest, named_baseline
 from bitalloc.pipeline.measured import MeasuredAllocations
 from bitalloc.pipeline.problem import problem_of
@@ -228,9 +230,9 @@ class Descend(Step):
 @dataclass
 class Surrogate(Step):
     """A measured model of KL with pairwise terms between units of nearby blocks, fitted to
-    allocations sampled around the point and HAWQ-V3's, solved exactly within the point's own
-    size, refitted for up to ``rounds`` rounds; kept only if confirmed on windows it was not
-    chosen on."""
+    allocations sampled around the point and HAWQ-V3's (whose Hessian-trace cells the model may
+    also weigh in), solved exactly within the point's own size, refitted for up to ``rounds``
+    rounds; kept only if confirmed on windows it was not chosen on."""
 
     rounds: int
     initial: int = 24  # allocations measured before the first fit
@@ -243,8 +245,8 @@ class Surrogate(Step):
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
         if point is None:
             return None
-        problem, within, fitness = work.problem, work.within(point), work.fitness
-        seeds = [rescore(hawq_v3(work.trace_problem, within), problem)]
+        problem, within, fitness, traces = work.problem, work.within(point), work.fitness, work.trace_problem
+        seeds = [rescore(hawq_v3(traces, within), problem)]
         blocks = {unit.name: unit.block for unit in work.units.units}
         store = (None if work.profile_key is None
                  else MeasuredAllocations(work.profile_dir, work.profile_key, fitness.evaluator.windows.describe()))
@@ -252,8 +254,7 @@ class Surrogate(Step):
         solver = get_solver("surrogate", measure=fitness, samples=work.fitness_samples, start=point, seeds=seeds,
                             blocks=[blocks[name] for name in problem.unit_names], rounds=self.rounds,
                             initial=self.initial, confidence=self.confidence, patience=self.patience,
-                            seed=work.spec.seed,
-                            measured=measured)
+                            seed=work.spec.seed, measured=measured, proxies=_proxies(problem, traces))
         found = solver.solve(problem, within)
         if store is not None:
             work.measured_path = store.save(measured, problem)
@@ -265,6 +266,14 @@ class Surrogate(Step):
                     + (f" (held-out Spearman {fit['spearman']:.2f}, the profile's sum {fit['additive_spearman']:.2f})"
                        if fit else ""))
         return found
+
+
+def _proxies(problem: Problem, traces: Problem) -> list[np.ndarray]:
+    """HAWQ-V3's cells as a second proxy of the same units and formats (a Hutchinson estimate
+    can come out below 0 where the true trace is near it: counted as 0)."""
+    if traces.unit_names != problem.unit_names or traces.format_names != problem.format_names:
+        return []
+    return [np.maximum(traces.error, 0.0)]
 
 
 @dataclass

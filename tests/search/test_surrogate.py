@@ -214,3 +214,42 @@ def test_a_search_at_a_smaller_budget_fits_on_what_a_larger_one_measured_and_kee
     assert_valid(problem, small, budgets)  # the larger search's allocations are fitted on, never chosen
     assert small.info["reused"] == large.info["evaluations"]
     assert len(calls) == small.info["evaluations"] and not set(calls) & set(list(measured)[:small.info["reused"]])
+
+
+def test_a_second_proxy_is_weighed_in_where_the_measure_follows_it():
+    """KL that follows another metric's cells on some formats: the model with that proxy predicts
+    it (and its exact minimum is the true one), the model without it cannot."""
+    problem = layered(blocks=3)
+    rng = np.random.default_rng(2)
+    other = problem.error * rng.lognormal(0, 1.0, problem.error.shape)  # a proxy that ranks units otherwise
+    mix = np.array([0.2, 0.5, 1.0, 1.0, 1.0])  # the measure follows ``other`` most at the low widths
+
+    def evaluate(choice) -> float:
+        rows = np.arange(problem.n_units)
+        return float((problem.error[rows, choice] + mix[choice] * other[rows, choice]).sum())
+
+    layout = Layout.of(problem.unit_names)
+    choices = rng.integers(0, problem.n_formats, (200, problem.n_units))
+    measured = np.array([evaluate(c) for c in choices])
+    with_proxy = held_out(problem.error, layout, choices, measured, proxies=[other])
+    without = held_out(problem.error, layout, choices, measured)
+    assert with_proxy["relative_error"] < 0.01 < without["relative_error"]
+    model = InteractionModel(problem.error, layout, proxies=[other]).fit(choices, measured)
+    np.testing.assert_allclose(list(model.weights()["proxies"][0].values()), mix, rtol=0.05)
+
+    budgets = Budgets(max_avg_bits=4.0)
+    small = layered(blocks=1, bits=(2, 4, 8))
+    small_other = small.error * rng.lognormal(0, 1.0, small.error.shape)
+    weights = np.array([0.3, 1.0, 1.0])
+
+    def small_evaluate(choice) -> float:
+        rows = np.arange(small.n_units)
+        return float((small.error[rows, choice] + weights[choice] * small_other[rows, choice]).sum())
+
+    grid = enumerate_allocations(small)
+    fitted = InteractionModel(small.error, Layout.of(small.unit_names), proxies=[small_other]).fit(
+        grid.choices, [small_evaluate(c) for c in grid.choices])
+    truth = np.array([small_evaluate(c) for c in grid.choices])
+    best = truth[grid.meets(budgets)].min()
+    found = minimise(small, budgets, fitted.cells())
+    assert small_evaluate(found.choice) == pytest.approx(best, rel=1e-3)

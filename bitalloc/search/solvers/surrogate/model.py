@@ -21,12 +21,18 @@ the model stays near the sum. Errors count relative to the measured value
 (``relative_weights``): KL spans orders of magnitude, and the allocations that matter have the
 least.
 
+Other proxies of the same cells (``proxies``: HAWQ-V3's Hessian traces, say) add a scale per
+format on their own cells, ``sum_u p_u * delta[a_u]``, shrunk toward 0: where another proxy ranks
+some units better than the profile's own metric, the fit finds the mix of the two that measured
+KL follows.
+
 Every term is a function of one unit's format or of two units' formats, so the fitted model is
 a table per unit and per pair (``cells``), which ``surrogate.exact`` minimises exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,20 +66,26 @@ class Cells:
 class InteractionModel:
     """The model above over a problem's ``error`` table and a ``Layout``; ``fit`` then ``predict``."""
 
-    def __init__(self, error: np.ndarray, layout: Layout, penalties: tuple[float, ...] = PENALTIES) -> None:
+    def __init__(self, error: np.ndarray, layout: Layout, penalties: tuple[float, ...] = PENALTIES,
+                 proxies: Sequence[np.ndarray] = ()) -> None:
         self.error = np.asarray(error, dtype=np.float64)
         self.layout = layout
         self.penalties = penalties
+        self.proxies = [np.asarray(p, dtype=np.float64) for p in proxies]
+        if any(p.shape != self.error.shape for p in self.proxies):
+            raise ValueError(f"proxies must have the error table's shape {self.error.shape}")
         self.coef = np.zeros(self.n_features)
         self.intercept, self.scale, self.penalty = 0.0, 1.0, 0.0
 
     @property
     def n_features(self) -> int:
-        return self.error.shape[1] + len(self.layout.kind_names) + len(self.layout.class_names)
+        n_formats = self.error.shape[1]
+        return n_formats * (1 + len(self.proxies)) + len(self.layout.kind_names) + len(self.layout.class_names)
 
     def features(self, choices: np.ndarray) -> np.ndarray:
         """The features [N, D] of each row of ``choices`` [N, U]: each format's and each kind's
-        sum of cells, and each class of pair's sum of ``sqrt(e_u e_v)``."""
+        sum of cells, each class of pair's sum of ``sqrt(e_u e_v)``, then each proxy's sum of
+        cells per format."""
         choices = np.atleast_2d(np.asarray(choices, dtype=np.int64))
         n, units = choices.shape
         n_formats, layout = self.error.shape[1], self.layout
@@ -86,7 +98,12 @@ class InteractionModel:
         if len(layout.pairs):
             cross = np.sqrt(cells[:, layout.pairs[:, 0]] * cells[:, layout.pairs[:, 1]])
             np.add.at(by_class, (slice(None), layout.pair_class), cross)
-        return np.hstack([by_format, by_kind, by_class])
+        by_proxy = []
+        for proxy in self.proxies:
+            sums = np.zeros((n, n_formats))
+            np.add.at(sums, (np.repeat(np.arange(n), units), choices.ravel()), proxy[np.arange(units), choices].ravel())
+            by_proxy.append(sums)
+        return np.hstack([by_format, by_kind, by_class, *by_proxy])
 
     def fit(self, choices: np.ndarray, measured: np.ndarray) -> InteractionModel:
         """Fit to measured values (one per row of ``choices``); at least two rows."""
@@ -112,19 +129,27 @@ class InteractionModel:
     def predict(self, choices: np.ndarray) -> np.ndarray:
         return self.intercept + self.features(choices) @ self.coef
 
+    def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """The weights as (per format, per kind, per class of pair, per proxy and format)."""
+        n_formats, n_kinds, n_classes = self.error.shape[1], len(self.layout.kind_names), len(self.layout.class_names)
+        alpha, beta, gamma, rest = np.split(self.coef, np.cumsum([n_formats, n_kinds, n_classes]))
+        return alpha, beta, gamma, np.split(rest, len(self.proxies)) if self.proxies else []
+
     def weights(self) -> dict[str, dict]:
-        """The fitted weights by name: per format, kind and class of pair."""
-        n_formats, n_kinds = self.error.shape[1], len(self.layout.kind_names)
-        alpha, beta, gamma = np.split(self.coef, [n_formats, n_formats + n_kinds])
+        """The fitted weights by name: per format, kind and class of pair, and per proxy and format."""
+        alpha, beta, gamma, deltas = self._split()
         return {"format": dict(enumerate(alpha.tolist())), "kind": dict(zip(self.layout.kind_names, beta.tolist())),
-                "pair": dict(zip(self.layout.class_names, gamma.tolist()))}
+                "pair": dict(zip(self.layout.class_names, gamma.tolist())),
+                "proxies": [dict(enumerate(delta.tolist())) for delta in deltas]}
 
     def cells(self) -> Cells:
         """The fitted model as per-unit and per-pair tables (see :class:`Cells`)."""
-        n_formats, n_kinds = self.error.shape[1], len(self.layout.kind_names)
-        alpha, beta, gamma = np.split(self.coef, [n_formats, n_formats + n_kinds])
+        alpha, beta, gamma, deltas = self._split()
         layout, error = self.layout, self.error
+        n_formats = error.shape[1]
         linear = error * (alpha[None, :] + beta[layout.kinds][:, None])
+        for proxy, delta in zip(self.proxies, deltas):
+            linear = linear + proxy * delta[None, :]
         root = np.sqrt(error)
         pair = gamma[layout.pair_class][:, None, None] * root[layout.pairs[:, 0]][:, :, None] * root[layout.pairs[:, 1]][:, None, :]
         return Cells(constant=self.intercept, linear=linear, pairs=layout.pairs,
@@ -165,7 +190,7 @@ def relative_weights(measured: np.ndarray) -> np.ndarray:
 
 
 def held_out(error: np.ndarray, layout: Layout, choices: np.ndarray, measured: np.ndarray, folds: int = 5,
-             seed: int = 0) -> dict[str, float]:
+             seed: int = 0, proxies: Sequence[np.ndarray] = ()) -> dict[str, float]:
     """How well the model predicts allocations it was not fitted on: k-fold out-of-fold
     predictions against the measurements (mean absolute error relative to the mean measured
     value, Spearman), beside the Spearman of the profile's plain sum."""
@@ -176,7 +201,8 @@ def held_out(error: np.ndarray, layout: Layout, choices: np.ndarray, measured: n
         return {}
     predicted = np.empty(n)
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(choices):
-        predicted[test] = InteractionModel(error, layout).fit(choices[train], measured[train]).predict(choices[test])
+        model = InteractionModel(error, layout, proxies=proxies)
+        predicted[test] = model.fit(choices[train], measured[train]).predict(choices[test])
     additive = error[np.arange(choices.shape[1]), choices].sum(axis=1)
     return {"configurations": n, "folds": folds,
             "relative_error": float(np.abs(predicted - measured).mean() / np.abs(measured).mean()),

@@ -60,7 +60,8 @@ class SurrogateSolver(Solver):
     ``confidence`` is the paired tests' level (None compares means). ``measured`` maps per-unit
     choices to the window values this measure gave them before (another budget's search of the
     same problem and windows, say): they are fitted on and never measured again, and the search
-    adds what it measures to it.
+    adds what it measures to it. ``proxies`` are other per-unit error tables of the problem
+    (another metric's cells) the model may weigh in beside the problem's own.
     """
 
     name = "surrogate"
@@ -69,7 +70,8 @@ class SurrogateSolver(Solver):
                  seeds: Sequence[Allocation] = (), blocks: Sequence[int | None] | None = None, initial: int = 24,
                  rounds: int = 8, patience: int = 2, trust: float = 0.1, confidence: float | None = 0.95,
                  time_limit: float = 60.0, seed: int = 0,
-                 measured: MutableMapping[tuple[int, ...], np.ndarray] | None = None) -> None:
+                 measured: MutableMapping[tuple[int, ...], np.ndarray] | None = None,
+                 proxies: Sequence[np.ndarray] = ()) -> None:
         if samples < 1 or initial < 2 or rounds < 0 or patience < 1:
             raise ValueError(f"samples >= 1, initial >= 2, rounds >= 0 and patience >= 1 are needed, got "
                              f"{samples}, {initial}, {rounds} and {patience}")
@@ -81,6 +83,7 @@ class SurrogateSolver(Solver):
         self.initial, self.rounds, self.patience, self.confidence = initial, rounds, patience, confidence
         self.trust, self.time_limit, self.seed = trust, time_limit, seed
         self.measured = {} if measured is None else measured
+        self.proxies = tuple(proxies)
 
     def _solve(self, problem: Problem, budgets: Budgets, objective: Metric) -> Allocation:
         return _Search(self, problem, budgets, starting_point(problem, budgets, objective, self.start)).run()
@@ -117,7 +120,8 @@ class _Search:
     def fit(self) -> InteractionModel:
         clock = time.perf_counter()
         choices = np.array(list(self.measured))
-        model = InteractionModel(self.problem.error, self.layout).fit(choices, [self.selection(c).mean() for c in choices])
+        model = InteractionModel(self.problem.error, self.layout, proxies=self.solver.proxies)
+        model.fit(choices, [self.selection(c).mean() for c in choices])
         self.seconds["fit"] += time.perf_counter() - clock
         return model
 
@@ -178,8 +182,9 @@ class _Search:
         """The final model's fitted corrections, and its prediction of allocations held out of the fit."""
         problem, choices = self.problem, np.array(list(self.measured))
         fit = held_out(problem.error, self.layout, choices, [self.selection(c).mean() for c in choices],
-                       seed=self.solver.seed)
+                       seed=self.solver.seed, proxies=self.solver.proxies)
         model = self.fit()
         weights = model.weights()
         weights["format"] = {problem.format_names[f]: w for f, w in weights["format"].items()}
+        weights["proxies"] = [{problem.format_names[f]: w for f, w in delta.items()} for delta in weights["proxies"]]
         return {"held_out": fit, "model": {"scale": float(model.scale), "penalty": model.penalty, "weights": weights}}
