@@ -231,8 +231,9 @@ class Descend(Step):
 class Surrogate(Step):
     """A measured model of KL with pairwise terms between units of nearby blocks, fitted to
     allocations sampled around the point and HAWQ-V3's (whose Hessian-trace cells the model may
-    also weigh in), solved exactly within the point's own size, refitted for up to ``rounds``
-    rounds; kept only if confirmed on windows it was not chosen on."""
+    also weigh in), solved exactly within the job's size budget (the point's own size when the
+    job sets none), refitted for up to ``rounds`` rounds; kept only if confirmed on windows it
+    was not chosen on."""
 
     rounds: int
     initial: int = 24  # allocations measured before the first fit
@@ -245,7 +246,13 @@ class Surrogate(Step):
     def __call__(self, work: Workspace, point: Allocation | None) -> Allocation | None:
         if point is None:
             return None
-        problem, within, fitness, traces = work.problem, work.within(point), work.fitness, work.trace_problem
+        problem, fitness, traces = work.problem, work.fitness, work.trace_problem
+        within = work.within(point)
+        asked = work.spec.budgets.byte_cap(problem.total_numel)
+        if asked is not None and asked > within.max_bytes:
+            # the job's size budget, not the start's few bytes below it: HAWQ-V3's point at the
+            # budget, and any neighbour as small as the user asked for, are fair game
+            within = replace(within, max_bytes=asked)
         seeds = [rescore(hawq_v3(traces, within), problem)]
         blocks = {unit.name: unit.block for unit in work.units.units}
         store = (None if work.profile_key is None

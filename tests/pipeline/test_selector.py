@@ -68,10 +68,9 @@ def test_descent_then_refinement_keep_the_size_and_never_measure_worse(tmp_path,
 
 @pytest.mark.slow  # HAWQ-V3's Hessian traces, its seed, take most of it
 def test_the_surrogate_step_completes_within_the_size_and_never_measures_worse(tmp_path, zoo):
-    start = run_job(spec(evaluation=None), profile_dir=tmp_path).chosen
     result = run_job(spec(surrogate=2, fitness_windows=4), profile_dir=tmp_path)
     chosen = result.chosen
-    assert chosen.solver == "surrogate" and chosen.bytes <= start.bytes
+    assert chosen.solver == "surrogate" and chosen.avg_bits <= 5.0  # the job's budget, which the start meets too
     assert chosen.measured <= chosen.info["start_measured"]
     assert chosen.info["evaluations"] >= 2 and result.evaluation["kl"] >= 0
     assert JobCreate(model="factory:tiny-llama", formats=["int4_g32"], surrogate=3).to_spec().surrogate == 3
