@@ -165,9 +165,11 @@ def run_surrogate(bench: Bench, quantizer: str, targets: list[float], ties: bool
         # the oracle keeps the lowest mean it measured: the confirmation guards a job against noise
         # on windows it is not judged on, which here are the very windows it is judged on
         runs += [("ceiling", CEILING if ties else CEILING_UNTIED, oracle, replace(step, confidence=None, patience=step.rounds))] if ceiling else []
+        budgets = Budgets(max_avg_bits=target)
         for name, family, space, search in runs:
+            at = space.with_budgets(budgets)  # the surrogate may use all of the target, as a job's does
             point = bench.measured(quantizer, family, f"{name} @{label}{suffix}", target,
-                                   lambda: search(space, Solve(Budgets(max_avg_bits=target))(space, None)), surrogate_info)
+                                   lambda: search(at, Solve(budgets)(at, None)), surrogate_info)
             row[name] = {"kl": point.kl, "bits": point.avg_bits, "ratio_to_hawq": point.kl / hawq.kl,
                          "seconds": point.seconds, **point.info}
         rows.append(row)

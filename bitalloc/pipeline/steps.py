@@ -89,6 +89,14 @@ class Workspace:
         twin.__dict__.update({name: self.__dict__[name] for name in ("hessians", "fitness") if name in self.__dict__})
         return twin
 
+    def with_budgets(self, budgets: Budgets) -> Workspace:
+        """The same workspace for a job with other budgets (a bench sweeping targets): everything
+        it has measured is shared."""
+        twin = replace(self, spec=replace(self.spec, budgets=budgets))
+        twin.__dict__.update({name: self.__dict__[name] for name in ("hessians", "fitness", "trace_problem")
+                              if name in self.__dict__})
+        return twin
+
     def note(self, message: str) -> None:
         """Tell the user now (the CLI's stderr, the job's log) what they should know about the
         choice, such as a budget that does not bind, and keep it for the summary."""
