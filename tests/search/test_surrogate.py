@@ -253,3 +253,30 @@ def test_a_second_proxy_is_weighed_in_where_the_measure_follows_it():
     best = truth[grid.meets(budgets)].min()
     found = minimise(small, budgets, fitted.cells())
     assert small_evaluate(found.choice) == pytest.approx(best, rel=1e-3)
+
+
+def test_formats_are_pruned_exactly_however_many_pair_columns_compare_them():
+    """A group with 40 partners of 7 formats compares each format on 280 columns (past what a
+    Pareto library takes): what is dropped is exactly what a direct comparison drops, and a
+    format whose every dominator is excluded stays."""
+    from bitalloc.search.solvers.surrogate.exact import _undominated
+
+    rng = np.random.default_rng(3)
+    formats = np.arange(7)
+    linear = rng.random((1, 7))  # group 0's own cost per format
+    budgets = [np.array([[3, 1, 2, 4, 5, 6, 7]])]
+    pairs = {(0, h): rng.random((7, 7)) * 1e-3 for h in range(1, 41)}
+    pairs = {key: table + (np.arange(7)[:, None] == 4) * 1.0 for key, table in pairs.items()}  # format 4: worse everywhere
+    linear[0, 4] = linear[0].max() + 1
+    budgets[0][0, 4] = 9
+    points = np.hstack([linear[0][:, None], budgets[0][0][:, None], *(t for t in pairs.values())])
+    assert points.shape[1] > 255
+
+    def dominated(i, allowed):
+        return any(j != i and (points[j] <= points[i]).all() and ((points[j] < points[i]).any() or j < i)
+                   for j in allowed)
+
+    kept = _undominated(0, formats, linear, budgets, pairs, set())
+    assert 4 not in kept and list(kept) == [i for i in formats if not dominated(i, formats)]
+    dominators = [j for j in formats if j != 4 and (points[j] <= points[4]).all()]
+    assert 4 in _undominated(0, formats, linear, budgets, pairs, set(dominators))  # every dominator excluded

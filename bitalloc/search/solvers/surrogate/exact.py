@@ -29,7 +29,6 @@ from ortools.sat.python import cp_model
 
 from bitalloc.search.budgets import Budgets
 from bitalloc.search.errors import SearchError
-from bitalloc.search.pareto import non_dominated
 from bitalloc.search.problem import Problem
 from bitalloc.search.solvers.surrogate.model import Cells
 
@@ -137,8 +136,10 @@ def _undominated(g: int, formats: np.ndarray, linear: np.ndarray, budget_tables:
     rows += [t[formats] for (a, _), t in pair_tables.items() if a == g]
     rows += [t[:, formats].T for (_, b), t in pair_tables.items() if b == g]
     points = np.hstack(rows)
-    front = non_dominated(points)
-    free = [i for i in front if int(formats[i]) not in excluded]
-    keep = [i for i in range(len(formats))
-            if i in front or not any((points[j] <= points[i]).all() for j in free)]
-    return formats[np.sort(np.array(keep, dtype=np.int64))]
+    below = (points[:, None, :] <= points[None, :, :]).all(axis=-1)  # below[j, i]: j matches or beats i everywhere
+    order = np.arange(len(formats))
+    beats = below & ((points[:, None, :] < points[None, :, :]).any(axis=-1) | (order[:, None] < order[None, :]))
+    front = ~beats.any(axis=0)  # one per distinct point, the first; a pair table's columns can number thousands
+    free = front & ~np.isin(formats, list(excluded))
+    keep = front | ~(below & free[:, None]).any(axis=0)
+    return formats[keep]
