@@ -85,16 +85,17 @@ class Workspace:
         """The same workspace posing another problem (the same profile without tie groups, say):
         what it has measured already (GPTQ's Hessians, the fitness windows) is shared, not
         measured again."""
-        twin = replace(self, problem=problem)
-        twin.__dict__.update({name: self.__dict__[name] for name in ("hessians", "fitness") if name in self.__dict__})
-        return twin
+        return self._twin(("hessians", "fitness"), problem=problem)
 
     def with_budgets(self, budgets: Budgets) -> Workspace:
         """The same workspace for a job with other budgets (a bench sweeping targets): everything
         it has measured is shared."""
-        twin = replace(self, spec=replace(self.spec, budgets=budgets))
-        twin.__dict__.update({name: self.__dict__[name] for name in ("hessians", "fitness", "trace_problem")
-                              if name in self.__dict__})
+        return self._twin(("hessians", "fitness", "trace_problem"), spec=replace(self.spec, budgets=budgets))
+
+    def _twin(self, shared: tuple[str, ...], **changes: object) -> Workspace:
+        """A copy with ``changes``, holding the ``shared`` cached properties this one has computed."""
+        twin = replace(self, **changes)
+        twin.__dict__.update({name: self.__dict__[name] for name in shared if name in self.__dict__})
         return twin
 
     def note(self, message: str) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bitalloc.quant.plugins import load_plugins
-from bitalloc.quant.units import UnitSet, enumerate_units
+from bitalloc.quant.units import DEFAULT_EXCLUDE, UnitSet, enumerate_units
 
 MODULE_MANIFEST = "bitalloc_model.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -81,9 +81,12 @@ class LoadedModel:
     def is_causal_lm(self) -> bool:
         return self.tokenizer is not None
 
-    def units(self, *, kv_cache: bool = False) -> UnitSet:
-        """The model's units, tie groups found by running ``example_inputs`` (``units.enumerate_units``)."""
-        return enumerate_units(self.module, example_inputs=self.example_inputs, kv_cache=kv_cache)
+    def units(self, *, kv_cache: bool = False, include: Sequence[str] | None = None,
+              exclude: Sequence[str] = DEFAULT_EXCLUDE) -> UnitSet:
+        """The model's units (``units.enumerate_units``, with its ``include`` and ``exclude``), tie
+        groups found by running ``example_inputs``."""
+        return enumerate_units(self.module, include=include, exclude=exclude, example_inputs=self.example_inputs,
+                               kv_cache=kv_cache)
 
 
 Factory = Callable[[], LoadedModel]

@@ -28,7 +28,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager
@@ -41,7 +41,7 @@ from bitalloc.quant.checksum import file_sha256
 from bitalloc.quant.device import free_memory
 from bitalloc.quant.loading import LoadedModel, LoadPolicy, ModelLoadError, load_model, model_folder
 from bitalloc.quant.states import BoundaryStates
-from bitalloc.quant.units import UnitSet, enumerate_units, shared_input_groups
+from bitalloc.quant.units import DEFAULT_EXCLUDE, UnitSet, enumerate_units, shared_input_groups
 
 INDEX = "model.safetensors.index.json"
 # A backward walk keeps at most 1/STATE_SHARE of the memory cap in boundary states, the rest
@@ -321,9 +321,11 @@ class StreamedModel(LoadedModel):
             found[wanted[-1]] = [step.hidden for step in inputs]
         return found
 
-    def units(self, *, kv_cache: bool = False) -> UnitSet:
+    def units(self, *, kv_cache: bool = False, include: Sequence[str] | None = None,
+              exclude: Sequence[str] = DEFAULT_EXCLUDE) -> UnitSet:
         """``units.enumerate_units`` of the skeleton, tie groups found on a materialized block."""
-        return enumerate_units(self.module, kv_cache=kv_cache, find_groups=self.tie_groups)
+        return enumerate_units(self.module, include=include, exclude=exclude, kv_cache=kv_cache,
+                               find_groups=self.tie_groups)
 
     @contextlib.contextmanager
     def bypassed(self, hidden: torch.Tensor) -> Iterator[None]:

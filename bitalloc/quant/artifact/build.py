@@ -40,7 +40,7 @@ from bitalloc.quant.loading import MODULE_MANIFEST, LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import METHODS, Method, uses_gptq
 from bitalloc.quant.stream import StreamedModel
-from bitalloc.quant.units import enumerate_units, is_quantizable, kv_units, weight_matrix
+from bitalloc.quant.units import is_quantizable, kv_units, weight_matrix
 
 
 def build_artifact(
@@ -198,7 +198,7 @@ def gptq_hessians(model: LoadedModel, units: dict[str, tuple[nn.Module, Format]]
         if missing:
             raise ArtifactError(f"hessians: none given for {len(missing)} GPTQ unit(s), e.g. {missing[0]!r}")
         return given
-    unit_set = enumerate_units(model.module, include=wanted, exclude=(), example_inputs=model.example_inputs)
+    unit_set = model.units(include=wanted, exclude=())
     return calibration_hessians(model.module, unit_set, calibration, progress=progress)
 
 

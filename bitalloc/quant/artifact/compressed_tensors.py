@@ -70,7 +70,6 @@ from bitalloc.quant.loading import LoadedModel
 from bitalloc.quant.progress import ProgressFn, no_progress
 from bitalloc.quant.quantizers import Method, quantize
 from bitalloc.quant.stream import StreamedModel
-from bitalloc.quant.units import enumerate_units
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
@@ -167,9 +166,7 @@ def _tensors(schemes: Mapping[str, QuantizationScheme], units: Mapping[str, tupl
 def _quantization_config(model: LoadedModel, units: Mapping[str, tuple[nn.Module, Format]],
                          kv_cache: Mapping[str, str]) -> dict[str, Any]:
     """The export's ``quantization_config`` for the allocation, once vLLM can run every unit of it."""
-    groups = ({"find_groups": model.tie_groups} if isinstance(model, StreamedModel)  # a skeleton cannot run
-              else {"example_inputs": model.example_inputs})
-    found = enumerate_units(model.module, kv_cache=bool(kv_cache), **groups)
+    found = model.units(kv_cache=bool(kv_cache))
     block_units = {unit.name for unit in found.weights}
     formats = {name: units[name][1] if name in units else LEFT_OUT for name in block_units}
     formats.update({name: get_format(format_name) for name, format_name in kv_cache.items()})

@@ -42,7 +42,7 @@ from bitalloc.quant.loading import LoadedModel, model_folder
 from bitalloc.quant.progress import ProgressFn
 from bitalloc.quant.stream import StreamedModel
 from bitalloc.quant.targets import BuildRequest, Built
-from bitalloc.quant.units import UnitSet, enumerate_units, kv_units, weight_units
+from bitalloc.quant.units import UnitSet, kv_units, weight_units
 
 GGUF = "model.gguf"
 SCRIPT = "llama-quantize.sh"
@@ -118,10 +118,8 @@ def _imatrix(request: BuildRequest, base: Path, path: Path) -> Path:
     (summed block by block for a streamed model: only their diagonals outlive their block)."""
     model, calibration = request.model, request.calibration
     tensors = {name: f"{gguf_name(name)}.weight" for name in _weight_allocation(request)}
-    streamed = isinstance(model, StreamedModel)
-    found = {"find_groups": model.tie_groups} if streamed else {"example_inputs": model.example_inputs}
-    units = enumerate_units(model.module, include=sorted(tensors), exclude=(), **found)  # a skeleton cannot run
-    if streamed:
+    units = model.units(include=sorted(tensors), exclude=())
+    if isinstance(model, StreamedModel):
         diagonals, tokens = _streamed_diagonals(model, units, calibration, request.progress)
     else:
         hessians = calibration_hessians(model.module, units, calibration, progress=request.progress)

@@ -246,14 +246,13 @@ def evaluate(
     from bitalloc.quant.evaluate import Evaluator
     from bitalloc.quant.hessian import calibration_hessians
     from bitalloc.quant.loading import ModelLoadError, load_model, model_dtype
-    from bitalloc.quant.units import enumerate_units
     from bitalloc.service.settings import get_settings
 
     try:
         formats = read_allocation(allocation)
         where = resolve_device(device)
         loaded = load_model(model, get_settings().load_policy(), model_dtype(dtype, where), where)
-        units = enumerate_units(loaded.module, example_inputs=loaded.example_inputs)
+        units = loaded.units()
         hessians = None
         if method == "gptq":
             calib = calibration_for(loaded, None, seq_len=seq_len)
